@@ -1,0 +1,190 @@
+"""``overlap(ddp_model, optimizer)``: the one-line change that moves the step into backward."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
+
+from .hooks import Executor, OverlapHookState
+from .optimizer import OverlappedOptimizer
+from .registry import lookup
+
+__all__ = ["overlap", "trainable_parameters"]
+
+_ATTR = "_overlap_sgd_state"
+
+
+def trainable_parameters(ddp_model: DistributedDataParallel) -> dict[str, Tensor]:
+    """The parameters DDP synchronises: ``requires_grad``, not ignored, tied ones once."""
+    ignored = getattr(ddp_model, "parameters_to_ignore", set())
+    return {
+        name: p
+        for name, p in ddp_model.module.named_parameters()
+        if p.requires_grad and name not in ignored
+    }
+
+
+def overlap(
+    ddp_model: DistributedDataParallel,
+    optimizer: Optimizer | Sequence[Optimizer],
+    comm_hook: Callable[..., torch.futures.Future] | None = None,
+    comm_state: Any = None,
+    *,
+    executor: str | Executor = "auto",
+    check_finite: bool = False,
+) -> Any:
+    """Update each DDP bucket's parameters as soon as its gradients are communicated.
+
+    Registers a communication hook on ``ddp_model`` that runs ``comm_hook`` (default: averaged
+    all-reduce) and then steps the bucket's parameters with the optimizer's algorithm, while
+    later buckets are still communicating. Returns an :class:`OverlappedOptimizer` (a list of
+    them, in order, for a list of optimizers) to use in place of the original: the loop
+    ``loss.backward(); opt.step(); opt.zero_grad()`` stays as it was, and trains as
+    post-backward ``optimizer.step()`` would.
+
+    Args:
+        ddp_model: a :class:`~torch.nn.parallel.DistributedDataParallel` model without a comm
+            hook.
+        optimizer: a ``torch.optim`` optimizer over the model's parameters, or a list of them
+            over disjoint parameter sets that together hold every trainable parameter.
+        comm_hook: any DDP communication hook, e.g. ``fp16_compress_hook`` or
+            ``powerSGD_hook``; ``None`` means an averaged all-reduce.
+        comm_state: ``comm_hook``'s state (``PowerSGDState`` for PowerSGD); ``None`` with a
+            torch default hook means the model's process group.
+        executor: where updates run: ``"auto"`` (a worker thread on CPU, a side stream on
+            CUDA), ``"thread"``, ``"inline"`` (in the completion callback), ``"stream"``.
+        check_finite: raise :class:`~overlap_sgd.hooks.NonFiniteGradientError` from
+            ``backward()`` on the first bucket whose gradients hold inf/NaN, leaving that
+            bucket's parameters and state untouched. Off by default, as post-backward steps
+            do not check either.
+
+    Raises:
+        TypeError: ``ddp_model`` is not DDP, an argument has the wrong type, or an optimizer
+            has no functional counterpart.
+        ValueError: parameters foreign to the model, held twice, or held by no optimizer
+            (with several optimizers); sparse gradients for an optimizer without support.
+        RuntimeError: the model already has a comm hook or was already overlapped.
+
+    Example (one rank of a ``torchrun`` job)::
+
+        model = DistributedDataParallel(net)
+        opt = overlap_sgd.overlap(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        for x, y in data:
+            loss_fn(model(x), y).backward()   # buckets are updated here
+            opt.step()
+            opt.zero_grad()
+    """
+    if not isinstance(ddp_model, DistributedDataParallel):
+        raise TypeError(
+            "overlap() needs a torch.nn.parallel.DistributedDataParallel model, got "
+            f"{type(ddp_model).__name__}"
+        )
+    single = not isinstance(optimizer, (list, tuple))
+    optimizers = [optimizer] if single else list(optimizer)
+    if not optimizers:
+        raise ValueError("overlap() got an empty list of optimizers")
+    for i, opt in enumerate(optimizers):
+        if isinstance(opt, OverlappedOptimizer):
+            raise TypeError(f"optimizer {i} is already an OverlappedOptimizer")
+        if not isinstance(opt, Optimizer):
+            raise TypeError(
+                f"optimizer {i} must be a torch.optim.Optimizer, got {type(opt).__name__}"
+            )
+    if comm_hook is not None and not callable(comm_hook):
+        raise TypeError(f"comm_hook must be a DDP communication hook, got {comm_hook!r}")
+    if not isinstance(executor, (str, Executor)):
+        raise TypeError(f"executor must be a str or an Executor, got {type(executor).__name__}")
+    if not isinstance(check_finite, bool):
+        raise TypeError(f"check_finite must be a bool, got {type(check_finite).__name__}")
+    if getattr(ddp_model, _ATTR, None) is not None:
+        raise RuntimeError("overlap() was already called on this DDP model")
+    if getattr(ddp_model, "_comm_hooks", None):
+        names = [getattr(h, "__qualname__", repr(h)) for h, _ in ddp_model._comm_hooks]
+        raise RuntimeError(
+            f"this DDP model already has a communication hook ({', '.join(names)}); pass it "
+            "to overlap(comm_hook=..., comm_state=...) on a fresh model instead"
+        )
+
+    trainable = trainable_parameters(ddp_model)
+    names = {id(p): n for n, p in trainable.items()}
+    _check_ownership(ddp_model, optimizers, names, several=not single)
+    registrations = [lookup(type(opt)) for opt in optimizers]
+    factories = {r.hook_factory for r in registrations}
+    if len(factories) > 1:
+        raise TypeError(
+            "the optimizers are registered with different hook factories and cannot share one "
+            f"DDP model: {[r.optimizer.__qualname__ for r in registrations]}"
+        )
+    functionals = [r.functional.bind(opt) for r, opt in zip(registrations, optimizers)]
+    _check_sparse(ddp_model, functionals, names)
+
+    hook, state = registrations[0].hook_factory(
+        functionals,
+        comm_hook,
+        comm_state,
+        process_group=ddp_model.process_group,
+        params=list(trainable.values()),
+        names=names,
+        track_unused=bool(ddp_model.find_unused_parameters or getattr(ddp_model, "static_graph", False)),
+        executor=executor,
+        check_finite=check_finite,
+    )
+    ddp_model.register_comm_hook(state, hook)
+    setattr(ddp_model, _ATTR, state)
+    wrapped = [OverlappedOptimizer(opt, state, i) for i, opt in enumerate(optimizers)]
+    return wrapped[0] if single else wrapped
+
+
+def _check_ownership(
+    ddp_model: DistributedDataParallel,
+    optimizers: list[Optimizer],
+    trainable: dict[int, str],
+    several: bool,
+) -> None:
+    all_names = {id(p): n for n, p in ddp_model.module.named_parameters(remove_duplicate=False)}
+    owner: dict[int, int] = {}
+    for i, opt in enumerate(optimizers):
+        for gi, group in enumerate(opt.param_groups):
+            for p in group["params"]:
+                name = all_names.get(id(p))
+                if name is None:
+                    raise ValueError(
+                        f"optimizer {i} (param group {gi}) holds a parameter of shape "
+                        f"{tuple(p.shape)} that is not a parameter of the DDP model"
+                    )
+                if id(p) in owner and owner[id(p)] != i:
+                    raise ValueError(
+                        f"parameter {name!r} is held by optimizers {owner[id(p)]} and {i}; "
+                        "each parameter must belong to exactly one optimizer"
+                    )
+                owner[id(p)] = i
+                if p.requires_grad and id(p) not in trainable:
+                    raise ValueError(
+                        f"parameter {name!r} is ignored by DDP (_ddp_params_and_buffers_to_ignore), "
+                        "so its gradient never reaches a bucket and it cannot be overlapped"
+                    )
+    if several:
+        missing = [n for pid, n in trainable.items() if pid not in owner]
+        if missing:
+            raise ValueError(
+                f"trainable parameter {missing[0]!r} is held by none of the optimizers"
+                + (f" ({len(missing) - 1} more)" if len(missing) > 1 else "")
+                + "; give it to one, or set requires_grad=False"
+            )
+
+
+def _check_sparse(ddp_model: DistributedDataParallel, functionals: list[Any], names: dict[int, str]) -> None:
+    for module in ddp_model.module.modules():
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse:
+            p = module.weight
+            for f in functionals:
+                if f.group_index(p) is not None and not f.supports_sparse:
+                    raise ValueError(
+                        f"parameter {names.get(id(p), 'weight')!r} gets sparse gradients "
+                        f"(sparse=True), which {f.torch_optimizer.__name__} cannot take"
+                    )

@@ -1,0 +1,171 @@
+"""Functional Adam and AdamW: torch's Adam update with gradients passed in explicitly."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.adam import adam
+
+from .base import FunctionalOptimizer, KernelChoice, new_step
+
+__all__ = ["FunctionalAdam", "FunctionalAdamW"]
+
+
+class FunctionalAdam(FunctionalOptimizer):
+    """Adam with every option of :class:`torch.optim.Adam`.
+
+    That is ``betas``, ``eps``, ``weight_decay``, ``amsgrad``, ``maximize``,
+    ``decoupled_weight_decay``, ``capturable``, ``foreach`` and ``fused``. State is kept under
+    torch's keys (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) with torch's
+    placement of ``step``, so state dicts interchange with ``torch.optim.Adam``.
+
+    Example:
+        >>> import torch
+        >>> from overlap_sgd import FunctionalAdam
+        >>> w = torch.nn.Parameter(torch.zeros(2))
+        >>> opt = FunctionalAdam([w], lr=0.1, amsgrad=True)
+        >>> opt.step_param(w, torch.tensor([1.0, -1.0]))
+        >>> w.detach()
+        tensor([-0.1000,  0.1000])
+    """
+
+    torch_optimizer = torch.optim.Adam
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        decoupled_weight_decay: bool = False,
+    ):
+        super().__init__(
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            fused=fused,
+            capturable=capturable,
+            decoupled_weight_decay=decoupled_weight_decay,
+        )
+
+    def _state_lists(
+        self, group: dict[str, Any], params: list[Tensor], cache: dict[str, Any]
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], bool]:
+        amsgrad = bool(group["amsgrad"])
+        signature = (amsgrad, bool(group.get("fused")), bool(group.get("capturable")))
+        lists = self._cached_state(cache, signature)
+        if lists is not None:
+            return lists
+        state = self.state
+        steps, exp_avgs, exp_avg_sqs, max_sqs = [], [], [], []
+        for p in params:
+            st = state[p]
+            if len(st) == 0:
+                st["step"] = new_step(p, group)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if amsgrad:
+                    st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            elif amsgrad and "max_exp_avg_sq" not in st:
+                # amsgrad was switched on after the state was created: start its max at zero.
+                st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            steps.append(st["step"])
+            exp_avgs.append(st["exp_avg"])
+            exp_avg_sqs.append(st["exp_avg_sq"])
+            if amsgrad:
+                max_sqs.append(st["max_exp_avg_sq"])
+        has_complex = any(torch.is_complex(p) for p in params)
+        lists = (steps, exp_avgs, exp_avg_sqs, max_sqs, has_complex)
+        self._store_state(cache, signature, lists)
+        return lists
+
+    def _update(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        cache: dict[str, Any],
+    ) -> None:
+        steps, exp_avgs, exp_avg_sqs, max_sqs, has_complex = self._state_lists(group, params, cache)
+        kernel = KernelChoice.for_group(group, sparse=False)
+        beta1, beta2 = group["betas"]
+        adam(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            max_sqs,
+            steps,
+            foreach=kernel == KernelChoice.FOREACH,
+            capturable=group["capturable"],
+            differentiable=False,
+            fused=kernel == KernelChoice.FUSED,
+            grad_scale=None,
+            found_inf=None,
+            has_complex=has_complex,
+            decoupled_weight_decay=group["decoupled_weight_decay"],
+            amsgrad=group["amsgrad"],
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=group["maximize"],
+        )
+
+
+class FunctionalAdamW(FunctionalAdam):
+    """AdamW: Adam with decoupled weight decay, state-compatible with :class:`torch.optim.AdamW`.
+
+    Example:
+        >>> import torch
+        >>> from overlap_sgd import FunctionalAdamW
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> opt = FunctionalAdamW([w], lr=0.1, weight_decay=0.5)
+        >>> opt.step_param(w, torch.zeros(2))  # zero gradient: only the decay acts
+        >>> w.detach()
+        tensor([0.9500, 0.9500])
+    """
+
+    torch_optimizer = torch.optim.AdamW
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+    ):
+        FunctionalOptimizer.__init__(
+            self,
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            fused=fused,
+            capturable=capturable,
+        )

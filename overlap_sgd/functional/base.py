@@ -1,0 +1,295 @@
+"""The functional optimizer protocol: an optimizer whose step takes gradients explicitly.
+
+A functional optimizer never reads ``param.grad``. Gradients are passed in, one parameter at a
+time (:meth:`FunctionalOptimizer.step_param`), for all parameters (:meth:`~FunctionalOptimizer.step`)
+or for an arbitrary subset, such as one DDP bucket (:meth:`~FunctionalOptimizer.step_bucket`),
+which is updated with one multi-tensor or fused kernel call per parameter group.
+
+Hyperparameters and per-parameter state live in a real :class:`torch.optim.Optimizer` (the
+*holder*): either one built from the constructor's arguments, or an existing optimizer bound with
+:meth:`FunctionalOptimizer.bind`. Hyperparameters are read from its ``param_groups`` at every step,
+so schedulers work, and state is kept under torch's own keys, so state dicts interchange with the
+plain torch optimizer.
+
+Example:
+    >>> import torch
+    >>> from overlap_sgd import FunctionalSGD
+    >>> w = torch.nn.Parameter(torch.ones(3))
+    >>> opt = FunctionalSGD([w], lr=0.5, momentum=0.9)
+    >>> opt.step_param(w, torch.ones(3))
+    >>> w.detach()
+    tensor([0.5000, 0.5000, 0.5000])
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+__all__ = ["FunctionalOptimizer", "KernelChoice"]
+
+
+class KernelChoice:
+    """Which torch kernel family a group's update uses: ``"fused"``, ``"foreach"`` or ``"single"``.
+
+    ``fused=True`` in the group selects the fused kernel and ``foreach=False`` the single-tensor
+    loop, as the user asked. Left unset (``None``), a bucket update uses the multi-tensor kernel,
+    so each bucket costs one kernel call per group rather than one per parameter.
+    """
+
+    FUSED = "fused"
+    FOREACH = "foreach"
+    SINGLE = "single"
+
+    @staticmethod
+    def for_group(group: dict[str, Any], sparse: bool) -> str:
+        if sparse:
+            return KernelChoice.SINGLE
+        if group.get("fused"):
+            return KernelChoice.FUSED
+        if group.get("foreach") is False:
+            return KernelChoice.SINGLE
+        # The multi-tensor kernels take a tensor lr only when capturable.
+        if isinstance(group.get("lr"), Tensor) and not group.get("capturable", False):
+            return KernelChoice.SINGLE
+        return KernelChoice.FOREACH
+
+
+class FunctionalOptimizer:
+    """Base class of the functional optimizers.
+
+    Subclasses set :attr:`torch_optimizer` (the ``torch.optim`` class whose algorithm they run and
+    whose state layout they keep) and implement :meth:`_update`, which updates a list of
+    parameters of one param group with one kernel call.
+
+    ``FunctionalX(params, **hyperparameters)`` builds its own holder optimizer from the same
+    arguments as the torch class (and so validates them with torch's own messages);
+    ``FunctionalX.bind(optimizer)`` shares an existing optimizer's groups and state instead.
+    """
+
+    #: The torch.optim class whose update rule and state layout this optimizer reproduces.
+    torch_optimizer: ClassVar[type[Optimizer]]
+    #: Whether the update accepts sparse gradients.
+    supports_sparse: ClassVar[bool] = False
+
+    _holder: Optimizer
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], **hyperparameters: Any):
+        if isinstance(params, Tensor):
+            raise TypeError(
+                f"params must be an iterable of Tensors or dicts, got a single {torch.typename(params)}"
+            )
+        self._init_holder(self.torch_optimizer(params, **hyperparameters))
+
+    @classmethod
+    def bind(cls, optimizer: Optimizer) -> "FunctionalOptimizer":
+        """Return a functional optimizer that shares ``optimizer``'s param groups and state.
+
+        Example:
+            >>> import torch
+            >>> from overlap_sgd import FunctionalAdam
+            >>> w = torch.nn.Parameter(torch.zeros(2))
+            >>> adam = torch.optim.Adam([w], lr=0.1)
+            >>> f = FunctionalAdam.bind(adam)
+            >>> f.step_param(w, torch.ones(2))
+            >>> int(adam.state[w]["step"])
+            1
+        """
+        if not isinstance(optimizer, cls.torch_optimizer):
+            raise TypeError(
+                f"{cls.__name__} binds a {cls.torch_optimizer.__name__}, "
+                f"got {type(optimizer).__name__}"
+            )
+        self = cls.__new__(cls)
+        self._init_holder(optimizer)
+        return self
+
+    def _init_holder(self, holder: Optimizer) -> None:
+        for group in holder.param_groups:
+            if group.get("differentiable", False):
+                raise ValueError(
+                    f"{type(self).__name__} cannot run with differentiable=True: the update "
+                    "happens inside backward, outside any autograd graph"
+                )
+        self._holder = holder
+        self._lock = threading.Lock()
+        self._index_key: tuple[int, int, int] | None = None
+        self._group_index: dict[int, int] = {}
+        self._order: list[Tensor] = []
+
+    # -- the holder's data -------------------------------------------------------------------
+
+    @property
+    def optimizer(self) -> Optimizer:
+        """The torch optimizer holding the hyperparameters and state."""
+        return self._holder
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self._holder.param_groups
+
+    @property
+    def state(self) -> dict[Tensor, dict[str, Any]]:
+        return self._holder.state
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return self._holder.defaults
+
+    def state_dict(self) -> dict[str, Any]:
+        """The holder's state dict, in the exact format of :attr:`torch_optimizer`."""
+        return self._holder.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict taken from this class or from the plain torch optimizer."""
+        self._holder.load_state_dict(state_dict)
+
+    # -- parameter lookup --------------------------------------------------------------------
+
+    def _refresh_index(self) -> dict[int, int]:
+        groups = self._holder.param_groups
+        key = (id(groups), len(groups), sum(len(g["params"]) for g in groups))
+        if key != self._index_key:
+            with self._lock:
+                index: dict[int, int] = {}
+                order: list[Tensor] = []
+                for gi, group in enumerate(groups):
+                    for p in group["params"]:
+                        index[id(p)] = gi
+                        order.append(p)
+                self._group_index, self._order, self._index_key = index, order, key
+        return self._group_index
+
+    def group_index(self, param: Tensor) -> int | None:
+        """Index of the param group holding ``param``, or ``None`` if this optimizer lacks it."""
+        return self._refresh_index().get(id(param))
+
+    def params(self) -> list[Tensor]:
+        """All parameters, in param-group order (the order :meth:`step` expects gradients in)."""
+        self._refresh_index()
+        return list(self._order)
+
+    # -- stepping ----------------------------------------------------------------------------
+
+    def step_param(self, param: Tensor, grad: Tensor | None) -> None:
+        """Update one parameter with ``grad``; ``grad=None`` leaves it and its state untouched."""
+        self.step_bucket([param], [grad])
+
+    def step(self, gradients: Sequence[Tensor | None]) -> None:
+        """Update every parameter; ``gradients`` follows :meth:`params` order, ``None`` skips."""
+        params = self.params()
+        if len(gradients) != len(params):
+            raise ValueError(
+                f"step() got {len(gradients)} gradients for {len(params)} parameters; "
+                "pass one gradient (or None) per parameter, in param-group order"
+            )
+        self.step_bucket(params, gradients)
+
+    def step_bucket(self, params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> None:
+        """Update many parameters at once: one kernel call per param group they belong to.
+
+        Pairs whose gradient is ``None`` are skipped. Every parameter must belong to this
+        optimizer and appear once. All checks run before any parameter is touched.
+        """
+        if len(params) != len(grads):
+            raise ValueError(
+                f"step_bucket() got {len(params)} parameters but {len(grads)} gradients"
+            )
+        index = self._refresh_index()
+        by_group: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
+        seen: set[int] = set()
+        for p, g in zip(params, grads):
+            gi = index.get(id(p))
+            if gi is None:
+                raise ValueError(
+                    f"parameter of shape {tuple(p.shape)} is not in this {type(self).__name__}"
+                )
+            if id(p) in seen:
+                raise ValueError(f"parameter of shape {tuple(p.shape)} was passed twice")
+            seen.add(id(p))
+            if g is None:
+                continue
+            self.check_grad(p, g)
+            ps, gs = by_group.setdefault(gi, ([], []))
+            ps.append(p)
+            gs.append(g)
+        for gi, (ps, gs) in by_group.items():
+            self.update(gi, ps, gs)
+
+    def check_grad(self, param: Tensor, grad: Tensor) -> None:
+        """Raise if ``grad`` cannot update ``param`` (shape, sparsity)."""
+        if not isinstance(grad, Tensor):
+            raise TypeError(f"gradient must be a Tensor or None, got {type(grad).__name__}")
+        if grad.shape != param.shape:
+            raise ValueError(
+                f"gradient of shape {tuple(grad.shape)} does not match parameter of shape "
+                f"{tuple(param.shape)}"
+            )
+        if grad.is_sparse and not self.supports_sparse:
+            raise RuntimeError(
+                f"{self.torch_optimizer.__name__} does not support sparse gradients "
+                f"(parameter of shape {tuple(param.shape)})"
+            )
+
+    def update(
+        self,
+        group_index: int,
+        params: list[Tensor],
+        grads: list[Tensor],
+        cache: dict[str, Any] | None = None,
+    ) -> None:
+        """Update ``params`` of group ``group_index`` with ``grads`` in one kernel call.
+
+        ``cache`` is a dict owned by the caller and reused across calls with the same
+        parameter list (the DDP hook keeps one per bucket); the update keeps the resolved
+        state lists in it. No validation happens here: this is the hot path.
+        """
+        group = self._holder.param_groups[group_index]
+        with torch.no_grad():
+            self._update(group, params, grads, cache if cache is not None else {})
+
+    def _update(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        cache: dict[str, Any],
+    ) -> None:
+        raise NotImplementedError
+
+    def _cached_state(self, cache: dict[str, Any], signature: tuple[Any, ...]) -> Any:
+        """The state lists kept in ``cache`` if still valid for ``signature``, else ``None``.
+
+        Cached lists stay valid while the holder keeps the same ``state`` dict (a
+        ``load_state_dict`` replaces it) and the group options that shape the state agree.
+        """
+        if cache.get("state_of") is self._holder.state and cache.get("signature") == signature:
+            return cache["lists"]
+        return None
+
+    def _store_state(self, cache: dict[str, Any], signature: tuple[Any, ...], lists: Any) -> None:
+        cache["state_of"] = self._holder.state
+        cache["signature"] = signature
+        cache["lists"] = lists
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._holder!r})"
+
+
+def scalar_dtype(fused: bool = False) -> torch.dtype:
+    """The dtype torch.optim stores ``step`` counters in."""
+    if fused:
+        return torch.float32
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def new_step(param: Tensor, group: dict[str, Any]) -> Tensor:
+    """A zero ``step`` counter placed as torch.optim places it for this group's options."""
+    if group.get("capturable") or group.get("fused"):
+        return torch.zeros((), dtype=scalar_dtype(bool(group.get("fused"))), device=param.device)
+    return torch.tensor(0.0, dtype=scalar_dtype())

@@ -1,0 +1,102 @@
+"""Functional SGD: :class:`torch.optim.SGD`'s update with gradients passed in explicitly."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.sgd import sgd
+
+from .base import FunctionalOptimizer, KernelChoice
+
+__all__ = ["FunctionalSGD"]
+
+
+class FunctionalSGD(FunctionalOptimizer):
+    """SGD with momentum, dampening, Nesterov, weight decay and ``maximize``.
+
+    The arguments and defaults follow PyTorch's ``_FunctionalSGD``; state is kept as
+    :class:`torch.optim.SGD` keeps it (``momentum_buffer``), so state dicts interchange.
+    Sparse gradients are accepted (single-tensor path), as in ``torch.optim.SGD``.
+
+    Example:
+        >>> import torch
+        >>> from overlap_sgd import FunctionalSGD
+        >>> a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))
+        >>> opt = FunctionalSGD([a, b], lr=0.1)
+        >>> opt.step([torch.ones(2), None])  # b has no gradient: left untouched
+        >>> a.detach(), b.detach()
+        (tensor([0.9000, 0.9000]), tensor([1., 1., 1.]))
+    """
+
+    torch_optimizer = torch.optim.SGD
+    supports_sparse = True
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 1e-2,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        maximize: bool = False,
+        foreach: bool = False,
+        fused: bool = False,
+    ):
+        super().__init__(
+            params,
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+            foreach=foreach,
+            fused=fused,
+        )
+
+    def _update(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        cache: dict[str, Any],
+    ) -> None:
+        momentum = group["momentum"]
+        sparse = cache.get("sparse")
+        if sparse is None:
+            sparse = cache["sparse"] = any(g.is_sparse for g in grads)
+        kernel = KernelChoice.for_group(group, sparse)
+        bufs: list[Tensor | None] = []
+        fresh = False
+        if momentum != 0:
+            signature = (True,)
+            bufs = self._cached_state(cache, signature)
+            if bufs is None:
+                state = self.state
+                bufs = [state[p].get("momentum_buffer") for p in params]
+                fresh = True
+        sgd(
+            params,
+            grads,
+            bufs,
+            has_sparse_grad=sparse,
+            foreach=kernel == KernelChoice.FOREACH,
+            fused=kernel == KernelChoice.FUSED,
+            grad_scale=None,
+            found_inf=None,
+            weight_decay=group["weight_decay"],
+            momentum=momentum,
+            lr=group["lr"],
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+            maximize=group["maximize"],
+        )
+        if fresh:
+            state = self.state
+            for p, buf in zip(params, bufs):
+                state[p]["momentum_buffer"] = buf
+            self._store_state(cache, (True,), bufs)

@@ -1,0 +1,187 @@
+"""Bucket plans: how one DDP bucket maps onto optimizer param groups, resolved once.
+
+DDP hands the comm hook a :class:`torch.distributed.GradBucket` whose parameters may belong to
+several optimizers and param groups. A :class:`BucketPlan` splits the bucket into
+:class:`Segment` s, one per (optimizer, param group), each updated by one kernel call. Plans are
+built the first time a bucket index is seen and rebuilt only when DDP changes the bucket's
+parameters (it rebuilds buckets after the first iteration). Gradient views and optimizer state
+lists are cached in the plan too, so the per-step cost does not grow with a Python loop over
+parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..functional import FunctionalOptimizer
+
+__all__ = ["BucketPlan", "Segment", "Owner"]
+
+#: ``owner(param) -> (optimizer_index, group_index)`` or ``None`` for a parameter no optimizer holds.
+Owner = Callable[[Tensor], "tuple[int, int] | None"]
+
+
+@dataclass
+class Segment:
+    """The parameters of one bucket that share an optimizer and a param group."""
+
+    optimizer: FunctionalOptimizer
+    optimizer_index: int
+    group_index: int
+    positions: list[int]
+    params: list[Tensor]
+    cache: dict[str, Any] = field(default_factory=dict)
+    grads: list[Tensor] | None = None
+
+
+class BucketPlan:
+    """The resolved layout of one bucket.
+
+    Args:
+        index: the bucket's index.
+        params: the bucket's parameters, in bucket order.
+        gradients: DDP's per-parameter views of the bucket buffer (``bucket.gradients()``).
+        buffer: the bucket buffer (``bucket.buffer()``).
+        optimizers: the functional optimizers being overlapped.
+        owner: maps a parameter to ``(optimizer_index, group_index)``.
+        names: parameter names, for error messages.
+    """
+
+    def __init__(
+        self,
+        index: int,
+        params: Sequence[Tensor],
+        gradients: Sequence[Tensor],
+        buffer: Tensor,
+        optimizers: Sequence[FunctionalOptimizer],
+        owner: Owner,
+        names: dict[int, str],
+    ):
+        self.index = index
+        self.params = list(params)
+        #: Slots of these parameters in the unused-parameter tracker, when one is active.
+        self.used_slots: list[int] = []
+        self.names = [names.get(id(p), f"<parameter {i} of bucket {index}>") for i, p in enumerate(self.params)]
+        self.device = buffer.device
+        self.sparse = buffer.is_sparse
+        self._buffer_key = _key(buffer)
+        self._views: list[Tensor] = list(gradients)
+        self._views_key = self._buffer_key
+        self.segments: list[Segment] = []
+        by_owner: dict[tuple[int, int], Segment] = {}
+        for pos, p in enumerate(self.params):
+            own = owner(p)
+            if own is None:
+                continue
+            seg = by_owner.get(own)
+            if seg is None:
+                seg = by_owner[own] = Segment(optimizers[own[0]], own[0], own[1], [], [])
+                self.segments.append(seg)
+            seg.positions.append(pos)
+            seg.params.append(p)
+        if self.sparse:
+            for seg in self.segments:
+                if not seg.optimizer.supports_sparse:
+                    raise RuntimeError(
+                        f"{seg.optimizer.torch_optimizer.__name__} does not support sparse "
+                        f"gradients, but parameter {self.names[seg.positions[0]]!r} has one"
+                    )
+
+    def matches(self, params: Sequence[Tensor]) -> bool:
+        """Whether ``params`` is still this plan's parameter list (same objects, same order)."""
+        mine = self.params
+        return len(params) == len(mine) and all(a is b for a, b in zip(params, mine))
+
+    @property
+    def optimizer_indices(self) -> set[int]:
+        return {seg.optimizer_index for seg in self.segments}
+
+    def views(self, result: Tensor) -> list[Tensor]:
+        """Per-parameter gradient views into the communicated bucket ``result``."""
+        key = _key(result)
+        if key != self._views_key:
+            self._views = self._views_of(result)
+            self._views_key = key
+            for seg in self.segments:
+                seg.grads = None
+        return self._views
+
+    def _views_of(self, result: Tensor) -> list[Tensor]:
+        if self.sparse:
+            return [result]
+        if result.numel() != sum(p.numel() for p in self.params):
+            raise RuntimeError(
+                f"the communication hook returned {result.numel()} elements for bucket "
+                f"{self.index}, which holds {sum(p.numel() for p in self.params)}"
+            )
+        flat = result.reshape(-1)
+        views, offset = [], 0
+        for p in self.params:
+            n = p.numel()
+            if p.is_contiguous() or not _dense(p):
+                views.append(flat[offset : offset + n].view(p.shape))
+            else:  # DDP lays such a gradient out with the parameter's own strides
+                views.append(flat.as_strided(p.shape, p.stride(), flat.storage_offset() + offset))
+            offset += n
+        return views
+
+    def run(self, result: Tensor, used: Tensor | None = None) -> None:
+        """Update every segment with the gradients in ``result``.
+
+        ``used`` (only when DDP may skip parameters) holds, per bucket parameter, whether any
+        rank produced a gradient for it. A parameter nobody used keeps post-backward semantics:
+        skipped when its ``.grad`` is ``None``, else stepped with that ``.grad``.
+        """
+        views = self.views(result)
+        if used is not None and not bool(used.all()):
+            self._run_partial(views, used.tolist())
+            return
+        for seg in self.segments:
+            grads = seg.grads
+            if grads is None:
+                grads = seg.grads = [views[i] for i in seg.positions]
+            seg.optimizer.update(seg.group_index, seg.params, grads, seg.cache)
+
+    def _run_partial(self, views: list[Tensor], used: list[int]) -> None:
+        for seg in self.segments:
+            params, grads = [], []
+            for pos, p in zip(seg.positions, seg.params):
+                if used[pos]:
+                    params.append(p)
+                    grads.append(views[pos])
+                elif p.grad is not None:
+                    params.append(p)
+                    grads.append(p.grad)
+            if params:
+                seg.optimizer.update(seg.group_index, params, grads, None)
+
+    def check_finite(self, result: Tensor) -> list[str]:
+        """Names of the parameters whose gradient in ``result`` holds inf or NaN."""
+        views = self.views(result)
+        bad: list[str] = []
+        for seg in self.segments:
+            for pos in seg.positions:
+                g = views[pos]
+                if g.is_sparse:
+                    g = g.coalesce().values()
+                if not bool(torch.isfinite(g).all()):
+                    bad.append(self.names[pos])
+        return bad
+
+
+def _key(t: Tensor) -> tuple[Any, ...]:
+    if t.is_sparse:
+        return (id(t),)
+    return (t.data_ptr(), t.numel(), t.dtype, t.device)
+
+
+def _dense(p: Tensor) -> bool:
+    """Whether ``p`` is non-overlapping and dense (so DDP mirrors its strides in the bucket)."""
+    return p.is_contiguous(memory_format=torch.channels_last) or p.is_contiguous(
+        memory_format=torch.channels_last_3d
+    )

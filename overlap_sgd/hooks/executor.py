@@ -1,0 +1,175 @@
+"""Where a bucket's update runs once its communication has landed.
+
+A callback attached with ``Future.then`` runs on the thread that completes the future. For gloo
+that is the worker thread which also runs the next bucket's collective, so updating there would
+serialise the update with communication. Three executors:
+
+- :class:`ThreadExecutor` (CPU default): one daemon thread per overlapped model runs the updates in
+  arrival order. The communication threads only enqueue, so later buckets keep communicating
+  while earlier ones are updated. Running all updates on one thread also means no two bucket
+  updates ever touch shared optimizer structures at once.
+- :class:`StreamExecutor` (CUDA default): the update is enqueued on a side stream that waits for the
+  bucket's communication; the default stream is joined to the side stream at the end of
+  backward, before the next forward can read the parameters.
+- :class:`InlineExecutor`: runs the update in the completion callback itself. Simplest; useful for
+  debugging and for comparing against the other two.
+
+Every executor returns the future DDP waits on. It completes after the update, with the
+communicated bucket as its value, or with the update's exception, which then surfaces from the
+user's ``backward()`` call instead of leaving the collective hanging.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.futures import Future
+
+__all__ = ["Executor", "ThreadExecutor", "InlineExecutor", "StreamExecutor", "make_executor", "tensor_of"]
+
+#: ``update(result, used)``: apply the bucket update; ``used`` is ``None`` or per-parameter flags.
+Update = Callable[[Tensor, "Tensor | None"], None]
+
+
+def tensor_of(value: Any) -> Tensor:
+    """The bucket tensor inside a comm-hook future's value (a Tensor or a one-element list)."""
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, (list, tuple)) and len(value) == 1 and isinstance(value[0], Tensor):
+        return value[0]
+    raise TypeError(
+        "a DDP communication hook must return a Future of a Tensor (or of a one-element list of "
+        f"Tensors), got a Future of {type(value).__name__}"
+    )
+
+
+class Executor:
+    """Runs ``update`` once ``comm`` (and ``used``, if given) completes; see the module docs."""
+
+    def after(self, comm: Future, used: Future | None, update: Update) -> Future:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the executor's resources (threads); pending updates still finish."""
+
+
+def _apply(comm: Future, used: Future | None, update: Update) -> Tensor:
+    result = tensor_of(comm.value())
+    flags = tensor_of(used.value()) if used is not None else None
+    with torch.no_grad():
+        update(result, flags)
+    return result
+
+
+def _when_done(comm: Future, used: Future | None) -> Future:
+    return comm if used is None else torch.futures.collect_all([comm, used])
+
+
+class InlineExecutor(Executor):
+    """Update inside the completion callback, on whichever thread completed the communication."""
+
+    def after(self, comm: Future, used: Future | None, update: Update) -> Future:
+        return _when_done(comm, used).then(lambda _: _apply(comm, used, update))
+
+
+class ThreadExecutor(Executor):
+    """Update on one dedicated daemon thread, in the order buckets finish communicating."""
+
+    def __init__(self, name: str = "overlap-sgd-update"):
+        self._name = name
+        self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def _ensure_started(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            with self._lock:
+                if self._thread is None or not self._thread.is_alive():
+                    self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+                    self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            task = self._queue.get()
+            if task is None:
+                return
+            task()
+
+    def after(self, comm: Future, used: Future | None, update: Update) -> Future:
+        self._ensure_started()
+        out: Future = Future()
+
+        def task() -> None:
+            try:
+                result = _apply(comm, used, update)
+            except Exception as exc:  # surfaced through DDP's wait in backward()
+                out.set_exception(exc)
+            else:
+                out.set_result(result)
+
+        _when_done(comm, used).add_done_callback(lambda _: self._queue.put(task))
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                self._queue.put(None)
+                self._thread.join(timeout=10)
+            self._thread = None
+
+
+class StreamExecutor(Executor):
+    """Update on a CUDA side stream; the current stream joins it at the end of backward."""
+
+    def __init__(self, device: torch.device):
+        self._device = device
+        self._stream = torch.cuda.Stream(device=device)
+        self._join_queued = False
+        self._lock = threading.Lock()
+
+    def _join(self) -> None:
+        torch.cuda.current_stream(self._device).wait_stream(self._stream)
+        self._join_queued = False
+
+    def _queue_join(self) -> None:
+        # Called from the comm hook, on the autograd thread: the callback runs once backward ends.
+        with self._lock:
+            if not self._join_queued:
+                self._join_queued = True
+                torch.autograd.Variable._execution_engine.queue_callback(self._join)
+
+    def after(self, comm: Future, used: Future | None, update: Update) -> Future:
+        self._queue_join()
+        stream = self._stream
+
+        def on_done(_: Future) -> Tensor:
+            # Inside the callback the current stream already waits for the communication.
+            stream.wait_stream(torch.cuda.current_stream(self._device))
+            with torch.cuda.stream(stream):
+                return _apply(comm, used, update)
+
+        return _when_done(comm, used).then(on_done)
+
+
+def make_executor(kind: str | Executor, device: torch.device) -> Executor:
+    """Build the executor named ``kind`` (``"auto"``, ``"thread"``, ``"inline"``, ``"stream"``)."""
+    if isinstance(kind, Executor):
+        return kind
+    if kind == "auto":
+        kind = "stream" if device.type == "cuda" else "thread"
+    if kind == "thread":
+        return ThreadExecutor()
+    if kind == "inline":
+        return InlineExecutor()
+    if kind == "stream":
+        if device.type != "cuda":
+            raise ValueError(f"executor='stream' needs CUDA parameters, got device {device}")
+        return StreamExecutor(device)
+    raise ValueError(
+        f"executor must be 'auto', 'thread', 'inline', 'stream' or an Executor, got {kind!r}"
+    )

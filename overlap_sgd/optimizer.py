@@ -1,0 +1,152 @@
+"""``OverlappedOptimizer``: the optimizer a training loop keeps using after :func:`overlap`.
+
+It is a real :class:`torch.optim.Optimizer` that shares the wrapped optimizer's ``param_groups``,
+``state`` and ``defaults``; nothing is copied. LR schedulers therefore drive the hyperparameters
+the bucket updates read, ``state_dict()`` is the wrapped optimizer's exact format, and
+``zero_grad()`` clears the same gradients. Its :meth:`~OverlappedOptimizer.step` updates nothing:
+the parameters were already updated inside ``backward()``, bucket by bucket. It runs the step
+hooks and tells the overlap hook that the step for this backward was taken.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch.optim import Optimizer
+
+from .hooks import OverlapHookState
+
+__all__ = ["OverlappedOptimizer"]
+
+_SHARED_HOOK_DICTS = (
+    "_optimizer_step_pre_hooks",
+    "_optimizer_step_post_hooks",
+    "_optimizer_state_dict_pre_hooks",
+    "_optimizer_state_dict_post_hooks",
+    "_optimizer_load_state_dict_pre_hooks",
+    "_optimizer_load_state_dict_post_hooks",
+)
+
+
+class OverlappedOptimizer(Optimizer):
+    """A ``torch.optim`` optimizer whose update runs inside DDP's backward; see :func:`overlap`.
+
+    Built by :func:`overlap_sgd.overlap`, not directly. The wrapped optimizer's own ``step`` is
+    routed here too, so a loop that still calls the original object never updates twice.
+
+    Example (``ddp_model`` a DDP model, ``opt`` its optimizer)::
+
+        opt = overlap_sgd.overlap(ddp_model, opt)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10)
+        loss.backward()   # parameters are updated here, bucket by bucket
+        opt.step()        # updates nothing; runs step hooks
+        sched.step()
+    """
+
+    def __init__(self, optimizer: Optimizer, hook_state: OverlapHookState, index: int):
+        # Optimizer.__init__ is deliberately not called: it would build new param groups,
+        # whereas this object must share the wrapped optimizer's.
+        self._optimizer = optimizer
+        self._hook_state = hook_state
+        self._index = index
+        for name in _SHARED_HOOK_DICTS:
+            setattr(self, name, getattr(optimizer, name))
+        self._patch_step_function()
+        self._route_inner_step()
+
+    def _route_inner_step(self) -> None:
+        inner = self._optimizer
+        previous = inner.__dict__.get("step")
+
+        def step(*args: Any, **kwargs: Any) -> Any:
+            return self.step(*args, **kwargs)
+
+        if previous is not None and getattr(previous, "_wrapped_by_lr_sched", False):
+            step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+        inner.step = step  # type: ignore[method-assign]
+
+    # -- shared data -------------------------------------------------------------------------
+
+    @property
+    def optimizer(self) -> Optimizer:
+        """The wrapped ``torch.optim`` optimizer."""
+        return self._optimizer
+
+    @property
+    def hook_state(self) -> OverlapHookState:
+        """The state of the comm hook registered on the DDP model."""
+        return self._hook_state
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self._optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self._optimizer.param_groups = value
+        self._hook_state.invalidate()
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self._optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self._optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self._optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self._optimizer.defaults = value
+
+    # -- the optimizer API -------------------------------------------------------------------
+
+    def step(self, closure: Callable[[], float] | None = None) -> None:  # type: ignore[override]
+        """Acknowledge the step: the update already ran during ``backward()``.
+
+        A closure cannot be supported: it would re-run forward and backward after the
+        parameters had already moved.
+        """
+        if closure is not None:
+            raise TypeError(
+                "OverlappedOptimizer.step() does not take a closure: the update already ran "
+                "inside backward(), so a closure that re-evaluates the loss cannot be honoured"
+            )
+        self._hook_state.acknowledge_step(self._index)
+        self._optimizer._opt_called = True  # type: ignore[attr-defined]
+        return None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state dict, in its exact format."""
+        return self._optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of the wrapped optimizer's class (from either side of the overlap)."""
+        self._optimizer.load_state_dict(state_dict)
+        self._hook_state.invalidate()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group of the DDP model's parameters that no overlapped optimizer holds yet."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        params = param_group.get("params")
+        params = [params] if hasattr(params, "shape") else list(params or [])
+        self._hook_state.check_new_params(params)
+        self._optimizer.add_param_group(param_group)
+        self._hook_state.invalidate()
+
+    def __getstate__(self) -> dict[str, Any]:
+        raise TypeError(
+            "an OverlappedOptimizer is bound to a live DDP model and cannot be pickled; "
+            "save its state_dict() instead"
+        )
+
+    def __repr__(self) -> str:
+        return f"OverlappedOptimizer({self._optimizer!r})"

@@ -1,0 +1,127 @@
+"""A small harness for distributed tests: spawn ranks, run a body, surface failures, never hang.
+
+``run_distributed(body, world_size, *args)`` starts ``world_size`` processes, each of which joins a
+gloo process group on a free loopback port, calls ``body(rank, world_size, *args)`` and always
+destroys the group. The call returns the ranks' return values, in rank order. A rank that raises
+makes the call raise with that rank's traceback; a rank that does not finish within ``timeout``
+seconds is killed and the call fails, so a hung collective fails the test instead of hanging the
+suite.
+
+Ranks are forked from a forkserver that has already imported torch, so a rank starts in a
+fraction of a second. ``body`` must be a module-level function (it is pickled by reference).
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import os
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["run_distributed", "free_port", "DistributedFailure"]
+
+_CTX = mp.get_context("forkserver")
+_CTX.set_forkserver_preload(["torch", "torch.distributed", "overlap_sgd"])
+
+
+class DistributedFailure(AssertionError):
+    """A rank raised, died or timed out."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child(body, rank, world_size, port, pg_timeout, args, results) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=pg_timeout),
+        )
+        try:
+            out = body(rank, world_size, *args)
+        finally:
+            dist.destroy_process_group()
+        results.put((rank, True, out))
+    except BaseException:
+        results.put((rank, False, traceback.format_exc()))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+
+def run_distributed(
+    body: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = 90.0,
+    pg_timeout: float = 60.0,
+) -> list[Any]:
+    """Run ``body(rank, world_size, *args)`` on ``world_size`` gloo ranks; see the module docs."""
+    port = free_port()
+    results = _CTX.Queue()
+    procs = [
+        _CTX.Process(
+            target=_child,
+            args=(body, rank, world_size, port, pg_timeout, args, results),
+            daemon=True,
+        )
+        for rank in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    outcomes: dict[int, tuple[bool, Any]] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(outcomes) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                rank, ok, out = results.get(timeout=min(remaining, 0.5))
+            except Exception:  # queue.Empty: check for ranks that died without reporting
+                dead = [
+                    i for i, p in enumerate(procs)
+                    if p.exitcode not in (None, 0) and i not in outcomes
+                ]
+                if dead:
+                    # Give the queue a moment: a failing rank reports before it exits.
+                    time.sleep(0.2)
+                    while not results.empty():
+                        r, ok, out = results.get()
+                        outcomes[r] = (ok, out)
+                    for i in dead:
+                        outcomes.setdefault(i, (False, f"rank {i} died with exit code {procs[i].exitcode}"))
+                    break
+                continue
+            outcomes[rank] = (ok, out)
+            if not ok:
+                break
+    finally:
+        for p in procs:
+            p.join(timeout=max(0.0, min(5.0, deadline - time.monotonic())))
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+    failures = [f"--- rank {r} ---\n{out}" for r, (ok, out) in sorted(outcomes.items()) if not ok]
+    if failures:
+        raise DistributedFailure("a rank failed:\n" + "\n".join(failures))
+    missing = [r for r in range(world_size) if r not in outcomes]
+    if missing:
+        raise DistributedFailure(f"ranks {missing} did not finish within {timeout:.0f} s (hung?)")
+    return [outcomes[r][1] for r in range(world_size)]

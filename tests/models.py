@@ -1,0 +1,52 @@
+"""Small deterministic models and data for the tests."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+__all__ = ["Net", "batch", "twin"]
+
+
+class Net(nn.Module):
+    """An MLP with optional tied weights, a frozen layer and a sometimes-unused branch."""
+
+    def __init__(self, width: int = 16, depth: int = 3, tied: bool = False, frozen: bool = False,
+                 branch: bool = False):
+        super().__init__()
+        self.inp = nn.Linear(8, width)
+        self.body = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.head = nn.Linear(width, 4)
+        self.tied = tied
+        if tied:
+            self.dec = nn.Linear(width, width)
+            self.dec.weight = self.body[0].weight
+        self.frozen = nn.Linear(width, width) if frozen else None
+        if frozen:
+            self.frozen.requires_grad_(False)
+        self.branch = nn.Linear(width, width) if branch else None
+
+    def forward(self, x: torch.Tensor, use_branch: bool = False) -> torch.Tensor:
+        h = torch.tanh(self.inp(x))
+        for layer in self.body:
+            h = torch.tanh(layer(h))
+        if self.tied:
+            h = torch.tanh(self.dec(h))
+        if self.frozen is not None:
+            h = h + self.frozen(h)
+        if self.branch is not None and use_branch:
+            h = h + torch.tanh(self.branch(h))
+        return self.head(h)
+
+
+def batch(step: int, rank: int, n: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic data for (step, rank)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step * 1009 + rank)
+    return torch.randn(n, 8, generator=g), torch.randn(n, 4, generator=g)
+
+
+def twin(model: nn.Module) -> nn.Module:
+    """An identical copy (tied weights stay tied)."""
+    return copy.deepcopy(model)

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Run a command inside the project's virtual environment (.venv), creating or
+# refreshing it first when pyproject.toml or constraints.txt changed.
+#
+#   bash tools/venv.sh torchrun --standalone --nproc-per-node 2 examples/train_ddp.py
+#   bash tools/venv.sh python -m pytest
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${OVERLAP_SGD_VENV:-$root/.venv}"
+python="${PYTHON:-python3}"
+stamp="$venv/.overlap-sgd-stamp"
+want="$(cat "$root/pyproject.toml" "$root/constraints.txt" | sha256sum | cut -d' ' -f1)"
+
+if [ ! -x "$venv/bin/python" ]; then
+    echo "[venv] creating $venv" >&2
+    "$python" -m venv "$venv"
+fi
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "[venv] installing overlap-sgd and test dependencies (pinned by constraints.txt)" >&2
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check -c "$root/constraints.txt" torch
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check -c "$root/constraints.txt" -e "$root[test]"
+    echo "$want" > "$stamp"
+fi
+export PATH="$venv/bin:$PATH"
+cd "$root"
+exec "$@"
