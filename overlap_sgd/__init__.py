@@ -17,12 +17,22 @@ from .functional import (
 )
 from .hooks import NonFiniteGradientError, OverlapHookState, make_overlap_hook, overlap_hook
 from .optimizer import OverlappedOptimizer
-from .drop_in import overlap, trainable_parameters
-from .registry import Registration, lookup, register, registered, unregister
+from .consistency import ConsistencyError, check_consistency
+from .drop_in import overlap, overlapped_optimizers, trainable_parameters
+from .registry import (
+    Registration,
+    lookup,
+    register,
+    register_global,
+    registered,
+    resolve,
+    unregister,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConsistencyError",
     "FunctionalAdam",
     "FunctionalAdamW",
     "FunctionalOptimizer",
@@ -32,12 +42,16 @@ __all__ = [
     "OverlapHookState",
     "OverlappedOptimizer",
     "Registration",
+    "check_consistency",
     "lookup",
     "make_overlap_hook",
     "overlap",
     "overlap_hook",
+    "overlapped_optimizers",
     "register",
+    "register_global",
     "registered",
+    "resolve",
     "trainable_parameters",
     "unregister",
 ]

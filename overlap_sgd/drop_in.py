@@ -11,10 +11,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from .hooks import Executor, OverlapHookState
+from .hooks.clip import GradClip
 from .optimizer import OverlappedOptimizer
-from .registry import lookup
+from .registry import resolve
 
-__all__ = ["overlap", "trainable_parameters"]
+__all__ = ["overlap", "overlapped_optimizers", "trainable_parameters"]
 
 _ATTR = "_overlap_sgd_state"
 
@@ -37,6 +38,9 @@ def overlap(
     *,
     executor: str | Executor = "auto",
     check_finite: bool = False,
+    clip_grad_value: float | None = None,
+    clip_grad_norm: float | None = None,
+    check_consistency_every: int = 0,
 ) -> Any:
     """Update each DDP bucket's parameters as soon as its gradients are communicated.
 
@@ -62,10 +66,17 @@ def overlap(
             ``backward()`` on the first bucket whose gradients hold inf/NaN, leaving that
             bucket's parameters and state untouched. Off by default, as post-backward steps
             do not check either.
+        clip_grad_value: clamp each gradient element to ``[-v, v]`` before the update.
+        clip_grad_norm: rescale each *parameter's* gradient to L2 norm at most this value
+            before the update (per parameter: a global norm needs every bucket, so it cannot be
+            applied before the first bucket's update). See :mod:`overlap_sgd.hooks.clip`.
+        check_consistency_every: every this many steps, ``step()`` verifies that parameters
+            and optimizer state are identical on all ranks
+            (:func:`~overlap_sgd.check_consistency`); 0 disables it.
 
     Raises:
         TypeError: ``ddp_model`` is not DDP, an argument has the wrong type, or an optimizer
-            has no functional counterpart.
+            cannot be overlapped (``LBFGS``, or a class declared with ``register_global``).
         ValueError: parameters foreign to the model, held twice, or held by no optimizer
             (with several optimizers); sparse gradients for an optimizer without support.
         RuntimeError: the model already has a comm hook or was already overlapped.
@@ -101,6 +112,13 @@ def overlap(
         raise TypeError(f"executor must be a str or an Executor, got {type(executor).__name__}")
     if not isinstance(check_finite, bool):
         raise TypeError(f"check_finite must be a bool, got {type(check_finite).__name__}")
+    clip = GradClip(clip_grad_value, clip_grad_norm)
+    if isinstance(check_consistency_every, bool) or not isinstance(check_consistency_every, int):
+        raise TypeError(
+            f"check_consistency_every must be an int, got {type(check_consistency_every).__name__}"
+        )
+    if check_consistency_every < 0:
+        raise ValueError(f"check_consistency_every must be >= 0, got {check_consistency_every}")
     if getattr(ddp_model, _ATTR, None) is not None:
         raise RuntimeError("overlap() was already called on this DDP model")
     if getattr(ddp_model, "_comm_hooks", None):
@@ -113,7 +131,7 @@ def overlap(
     trainable = trainable_parameters(ddp_model)
     names = {id(p): n for n, p in trainable.items()}
     _check_ownership(ddp_model, optimizers, names, several=not single)
-    registrations = [lookup(type(opt)) for opt in optimizers]
+    registrations = [resolve(type(opt)) for opt in optimizers]
     factories = {r.hook_factory for r in registrations}
     if len(factories) > 1:
         raise TypeError(
@@ -133,11 +151,22 @@ def overlap(
         track_unused=bool(ddp_model.find_unused_parameters or getattr(ddp_model, "static_graph", False)),
         executor=executor,
         check_finite=check_finite,
+        clip=clip,
     )
     ddp_model.register_comm_hook(state, hook)
     setattr(ddp_model, _ATTR, state)
-    wrapped = [OverlappedOptimizer(opt, state, i) for i, opt in enumerate(optimizers)]
+    wrapped = [
+        OverlappedOptimizer(opt, state, i, ddp_model, check_consistency_every)
+        for i, opt in enumerate(optimizers)
+    ]
+    state.wrapped = wrapped
     return wrapped[0] if single else wrapped
+
+
+def overlapped_optimizers(ddp_model: nn.Module) -> list[Optimizer]:
+    """The torch optimizers :func:`overlap` wrapped on ``ddp_model`` (empty if none)."""
+    state = getattr(ddp_model, _ATTR, None)
+    return [w.optimizer for w in getattr(state, "wrapped", [])]
 
 
 def _check_ownership(

@@ -44,12 +44,26 @@ class OverlappedOptimizer(Optimizer):
         sched.step()
     """
 
-    def __init__(self, optimizer: Optimizer, hook_state: OverlapHookState, index: int):
+    # GradScaler hands scaled-gradient bookkeeping to optimizers that claim this; step() then
+    # sees it and refuses, instead of the scaler silently unscaling after the update.
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        hook_state: OverlapHookState,
+        index: int,
+        model: Any = None,
+        check_consistency_every: int = 0,
+    ):
         # Optimizer.__init__ is deliberately not called: it would build new param groups,
         # whereas this object must share the wrapped optimizer's.
         self._optimizer = optimizer
         self._hook_state = hook_state
         self._index = index
+        self._model = model
+        self._consistency_every = check_consistency_every
+        self._steps = 0
         for name in _SHARED_HOOK_DICTS:
             setattr(self, name, getattr(optimizer, name))
         self._patch_step_function()
@@ -116,8 +130,21 @@ class OverlappedOptimizer(Optimizer):
                 "OverlappedOptimizer.step() does not take a closure: the update already ran "
                 "inside backward(), so a closure that re-evaluates the loss cannot be honoured"
             )
+        if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
+            raise RuntimeError(
+                "torch.amp.GradScaler cannot drive an OverlappedOptimizer: each bucket was "
+                "updated inside backward() before the scaler could unscale it or check it for "
+                "inf/NaN. Train with bf16 autocast instead (torch.autocast(device, "
+                "dtype=torch.bfloat16)), which needs no loss scaling."
+            )
         self._hook_state.acknowledge_step(self._index)
         self._optimizer._opt_called = True  # type: ignore[attr-defined]
+        self._steps += 1
+        every = self._consistency_every
+        if every and self._index == 0 and self._steps % every == 0:
+            from .consistency import check_consistency
+
+            check_consistency(self._model, group=self._hook_state.process_group)
         return None
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -59,6 +59,8 @@ def _child(body, rank, world_size, port, pg_timeout, args, results) -> None:
         results.put((rank, True, out))
     except BaseException:
         results.put((rank, False, traceback.format_exc()))
+        results.close()
+        results.join_thread()  # the report must leave before the hard exit below
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..functional import FunctionalOptimizer
+from .clip import GradClip
 
 __all__ = ["BucketPlan", "Segment", "Owner"]
 
@@ -130,24 +131,27 @@ class BucketPlan:
             offset += n
         return views
 
-    def run(self, result: Tensor, used: Tensor | None = None) -> None:
+    def run(self, result: Tensor, used: Tensor | None = None, clip: GradClip | None = None) -> None:
         """Update every segment with the gradients in ``result``.
 
         ``used`` (only when DDP may skip parameters) holds, per bucket parameter, whether any
         rank produced a gradient for it. A parameter nobody used keeps post-backward semantics:
-        skipped when its ``.grad`` is ``None``, else stepped with that ``.grad``.
+        skipped when its ``.grad`` is ``None``, else stepped with that ``.grad``. ``clip``, if
+        given, clips each parameter's gradient in place before the update.
         """
         views = self.views(result)
         if used is not None and not bool(used.all()):
-            self._run_partial(views, used.tolist())
+            self._run_partial(views, used.tolist(), clip)
             return
         for seg in self.segments:
             grads = seg.grads
             if grads is None:
                 grads = seg.grads = [views[i] for i in seg.positions]
+            if clip is not None:
+                clip.apply(grads)
             seg.optimizer.update(seg.group_index, seg.params, grads, seg.cache)
 
-    def _run_partial(self, views: list[Tensor], used: list[int]) -> None:
+    def _run_partial(self, views: list[Tensor], used: list[int], clip: GradClip | None) -> None:
         for seg in self.segments:
             params, grads = [], []
             for pos, p in zip(seg.positions, seg.params):
@@ -158,6 +162,8 @@ class BucketPlan:
                     params.append(p)
                     grads.append(p.grad)
             if params:
+                if clip is not None:
+                    clip.apply(grads)
                 seg.optimizer.update(seg.group_index, params, grads, None)
 
     def check_finite(self, result: Tensor) -> list[str]:

@@ -28,6 +28,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from ..functional import FunctionalOptimizer
 from .bucket import BucketPlan
+from .clip import GradClip
 from .executor import Executor, make_executor
 from .used import UsedTracker
 
@@ -77,6 +78,8 @@ class OverlapHookState:
             :class:`~overlap_sgd.hooks.executor.Executor`.
         check_finite: raise :class:`NonFiniteGradientError` for a bucket with inf/NaN gradients,
             leaving that bucket untouched.
+        clip: per-parameter gradient clipping applied before each update
+            (:class:`~overlap_sgd.hooks.clip.GradClip`).
     """
 
     def __init__(
@@ -91,6 +94,7 @@ class OverlapHookState:
         track_unused: bool = False,
         executor: "str | Executor" = "auto",
         check_finite: bool = False,
+        clip: Optional[GradClip] = None,
     ):
         if comm_hook is None:
             comm_hook = default_hooks.allreduce_hook
@@ -104,6 +108,7 @@ class OverlapHookState:
         self.process_group = process_group
         self.names = dict(names or {})
         self.check_finite = check_finite
+        self.clip = clip if clip is not None and clip.active else None
         self.used = UsedTracker(params) if track_unused else None
         self._executor_spec = executor
         self._executor: Optional[Executor] = None
@@ -113,6 +118,10 @@ class OverlapHookState:
         self.awaiting_step = [False] * len(self.optimizers)
         #: Count of synchronising backward passes that ran bucket updates.
         self.syncs = 0
+        #: Count of bucket plans built (DDP's bucket rebuild after iteration one adds some).
+        self.plans_built = 0
+        #: The OverlappedOptimizers built on this state, in order (set by ``overlap()``).
+        self.wrapped: list[Any] = []
 
     # -- layout ------------------------------------------------------------------------------
 
@@ -136,6 +145,7 @@ class OverlapHookState:
                 if self.used is not None:
                     plan.used_slots = self.used.slots(params)
                 self._plans[index] = plan
+                self.plans_built += 1
         return plan
 
     def check_new_params(self, params: Sequence[Tensor]) -> None:
@@ -201,14 +211,14 @@ def overlap_hook(state: OverlapHookState, bucket: dist.GradBucket) -> torch.futu
     used = None
     if state.used is not None:
         used = state.used.launch(plan.used_slots, plan.device, state.process_group)
-    check = state.check_finite
+    check, clip = state.check_finite, state.clip
 
     def update(result: Tensor, flags: Optional[Tensor]) -> None:
         if check:
             bad = plan.check_finite(result)
             if bad:
                 raise NonFiniteGradientError(bad, plan.index)
-        plan.run(result, flags)
+        plan.run(result, flags, clip)
 
     return state.executor(plan.device).after(comm, used, update)
 

@@ -1,0 +1,254 @@
+"""The benchmark modes: one DDP model instance each, all built from the same initial weights.
+
+- ``floor``: DDP, backward only, no optimizer: the physical limit of any overlap.
+- ``post``: DDP, then ``optimizer.step()`` after backward with torch's default kernels.
+- ``post-fused``: the same with the fastest post-backward kernel (fused or foreach).
+- ``upstream``: ``DistributedDataParallel._register_fused_optim``, PyTorch's own overlap
+  (SGD, Adam and AdamW only; it takes no custom comm hook, so no simulated link).
+- ``overlap``: :func:`overlap_sgd.overlap`.
+
+With a simulated link every communicating mode sends its buckets through the same
+:func:`~benchmarks.link.link_hook` wrapper.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel
+
+import overlap_sgd
+from overlap_sgd.hooks import make_executor
+
+from .instrument import InstrumentedExecutor, LabelHookState, labelled_hook
+from .link import LinkHookState, SimulatedLink, link_hook
+from .workloads import loss_fn, make_optimizer, optimizer_spec
+
+__all__ = ["MODES", "Mode", "ModeContext", "StepRecord", "build_mode", "pick_fast_kernel"]
+
+MODES: tuple[str, ...] = ("floor", "post", "post-fused", "upstream", "overlap")
+
+_UPSTREAM_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+
+
+@dataclass
+class StepRecord:
+    """Host-side times of one training step, in seconds."""
+
+    total: float
+    #: Forward plus backward (for ``overlap`` and ``upstream`` this includes the updates).
+    backward: float
+    #: ``optimizer.step()`` alone (post-backward modes only).
+    opt_step: float | None = None
+    #: ``overlap`` only: time spent in bucket updates, summed over buckets.
+    update_busy: float | None = None
+    #: ``overlap`` only: time buckets waited between communication and update, summed.
+    update_wait: float | None = None
+    #: ``overlap`` only: from the last bucket's communication completing to backward returning.
+    tail: float | None = None
+
+
+@dataclass
+class ModeContext:
+    """What every mode of one benchmark configuration is built from."""
+
+    base: nn.Module
+    device: torch.device
+    optimizer: str
+    bucket_cap_mb: float
+    link: SimulatedLink | None = None
+    #: Kernel options of ``post-fused`` (``{"fused": True}`` or ``{"foreach": True}``).
+    fast_kernel: dict[str, Any] = field(default_factory=lambda: {"foreach": True})
+    #: Kernel options of the optimizer handed to ``overlap``.
+    overlap_kernel: dict[str, Any] = field(default_factory=dict)
+    gradient_as_bucket_view: bool = False
+    #: Label each overlap bucket's communication and update for the profiler.
+    label: bool = False
+    sync: Callable[[], None] = lambda: None
+
+
+@dataclass
+class Mode:
+    """One mode's model and optimizer, or why the mode is skipped."""
+
+    name: str
+    model: DistributedDataParallel | None = None
+    optimizer: Any = None
+    skipped: str | None = None
+    #: A short description of the update kernel.
+    kernel: str = ""
+    executor: InstrumentedExecutor | None = None
+    sync: Callable[[], None] = lambda: None
+    #: Synchronise around ``optimizer.step()`` to time it alone (``post-fused`` on CUDA).
+    time_opt_alone: bool = False
+    records: list[StepRecord] = field(default_factory=list)
+
+    @property
+    def active(self) -> bool:
+        return self.skipped is None
+
+    def step(self, x: Tensor, y: Tensor) -> StepRecord:
+        """One training step; the record is also appended to :attr:`records`."""
+        assert self.model is not None
+        t0 = time.perf_counter()
+        loss_fn(self.model(x), y).backward()
+        t1 = time.perf_counter()
+        opt_s = None
+        if self.optimizer is not None:
+            if self.time_opt_alone:
+                self.sync()
+                t1 = time.perf_counter()
+            self.optimizer.step()
+            if self.name.startswith("post"):
+                if self.time_opt_alone:
+                    self.sync()
+                opt_s = time.perf_counter() - t1
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.model.zero_grad(set_to_none=True)
+        self.sync()
+        t2 = time.perf_counter()
+        rec = StepRecord(total=t2 - t0, backward=t1 - t0, opt_step=opt_s)
+        if self.executor is not None:
+            buckets = self.executor.take()
+            if buckets:
+                rec.update_busy = sum(b.update_end - b.update_start for b in buckets)
+                rec.update_wait = sum(max(0.0, b.update_start - b.comm_done) for b in buckets)
+                rec.tail = max(0.0, t1 - max(b.comm_done for b in buckets))
+        self.records.append(rec)
+        return rec
+
+    def close(self) -> None:
+        if self.optimizer is not None and hasattr(self.optimizer, "hook_state"):
+            self.optimizer.hook_state.close()
+        self.model = None
+        self.optimizer = None
+
+
+def _ddp(ctx: ModeContext) -> DistributedDataParallel:
+    module = copy.deepcopy(ctx.base).to(ctx.device)
+    return DistributedDataParallel(
+        module,
+        device_ids=[ctx.device] if ctx.device.type == "cuda" else None,
+        bucket_cap_mb=ctx.bucket_cap_mb,
+        gradient_as_bucket_view=ctx.gradient_as_bucket_view,
+    )
+
+
+def _kernel_name(kernel: dict[str, Any]) -> str:
+    if kernel.get("fused"):
+        return "fused"
+    if kernel.get("foreach"):
+        return "foreach"
+    if kernel.get("foreach") is False:
+        return "for-loop"
+    return "default"
+
+
+def build_mode(name: str, ctx: ModeContext) -> Mode:
+    """Build mode ``name`` (one of :data:`MODES`) from ``ctx``; see the module docs."""
+    if name not in MODES:
+        raise ValueError(f"unknown mode {name!r}; choose from {', '.join(MODES)}")
+    mode = Mode(name, sync=ctx.sync)
+    if name == "upstream":
+        return _build_upstream(mode, ctx)
+    ddp = _ddp(ctx)
+    mode.model = ddp
+    link_state = LinkHookState(ctx.link, process_group=ddp.process_group) if ctx.link else None
+    if name == "overlap":
+        opt = make_optimizer(ctx.optimizer, ddp.parameters(), **ctx.overlap_kernel)
+        executor = InstrumentedExecutor(make_executor("auto", ctx.device), label=ctx.label)
+        hook: Any = link_hook if link_state is not None else None
+        state: Any = link_state
+        if ctx.label:
+            hook, state = labelled_hook, LabelHookState(
+                hook or default_hooks.allreduce_hook,
+                state if state is not None else ddp.process_group,
+                executor,
+            )
+        mode.optimizer = overlap_sgd.overlap(ddp, opt, hook, state, executor=executor)
+        mode.executor = executor
+        mode.kernel = "bucket " + ("fused" if ctx.overlap_kernel.get("fused") else "foreach")
+        return mode
+    if link_state is not None:
+        ddp.register_comm_hook(link_state, link_hook)
+    if name == "post":
+        mode.optimizer = make_optimizer(ctx.optimizer, ddp.parameters())
+        mode.kernel = "default"
+    elif name == "post-fused":
+        mode.optimizer = make_optimizer(ctx.optimizer, ddp.parameters(), **ctx.fast_kernel)
+        mode.kernel = _kernel_name(ctx.fast_kernel)
+        mode.time_opt_alone = ctx.device.type == "cuda"
+    else:
+        mode.kernel = "none"
+    return mode
+
+
+def _build_upstream(mode: Mode, ctx: ModeContext) -> Mode:
+    cls, hyper = optimizer_spec(ctx.optimizer)
+    if ctx.link is not None:
+        mode.skipped = "_register_fused_optim takes no custom comm hook, so no simulated link"
+        return mode
+    if cls not in _UPSTREAM_OPTIMIZERS:
+        mode.skipped = f"_register_fused_optim does not support {cls.__name__}"
+        return mode
+    ddp = _ddp(ctx)
+    hyper = dict(hyper)
+    lr = hyper.pop("lr")
+    try:
+        ddp._register_fused_optim(cls, lr, **hyper)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        mode.skipped = f"_register_fused_optim failed: {exc}"
+        return mode
+    mode.model = ddp
+    mode.kernel = "per-param"
+    return mode
+
+
+def pick_fast_kernel(
+    optimizer: str,
+    params: list[Tensor],
+    device: torch.device,
+    repeats: int = 3,
+    sync: Callable[[], None] = lambda: None,
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """The faster post-backward kernel of ``fused=True`` (where supported) and ``foreach=True``.
+
+    Times ``optimizer.step()`` on copies of ``params`` with random gradients. Returns the
+    winning kernel options and the median seconds of each candidate. Every rank must call it;
+    rank 0's choice is broadcast so that all ranks agree.
+    """
+    timings: dict[str, float] = {}
+    candidates: list[tuple[str, dict[str, Any]]] = [("fused", {"fused": True}), ("foreach", {"foreach": True})]
+    for label, kernel in candidates:
+        copies = [p.detach().clone().to(device).requires_grad_(True) for p in params]
+        for c in copies:
+            c.grad = torch.randn_like(c) * 1e-3
+        try:
+            opt = make_optimizer(optimizer, copies, **kernel)
+            opt.step()
+        except (RuntimeError, ValueError, TypeError):
+            continue  # no fused kernel for this optimizer on this device
+        sync()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            opt.step()
+            sync()
+            times.append(time.perf_counter() - t0)
+        timings[label] = sorted(times)[len(times) // 2]
+        del opt, copies
+    best = min(timings, key=timings.__getitem__)
+    if dist.is_initialized():
+        choice = [best]
+        dist.broadcast_object_list(choice, src=0)
+        best = choice[0]
+    return dict(candidates)[best], timings

@@ -1,0 +1,268 @@
+"""Crash-safe checkpoints for DDP training with an overlapped (or plain) optimizer.
+
+Three calls cover a training loop that survives being killed at any moment::
+
+    state = checkpoint_state(ddp_model, opt, sched, step=step)
+    save_checkpoint(checkpoint_path(run_dir, step), state)    # every rank calls it
+    ...
+    path = latest_checkpoint(run_dir)                         # on (re)start
+    if path is not None:
+        step = load_checkpoint(path, ddp_model, opt, sched)["step"]
+
+Why one writer and a barrier, rather than :mod:`torch.distributed.checkpoint`: under DDP every
+rank holds the same parameters and the same optimizer state (each rank applies the same averaged
+gradients), and that state is small enough for one process to write. Sharded, parallel writes buy
+nothing here, while a single file written by rank 0 to a temporary name, flushed, fsynced and
+then renamed over the final name gives all-or-nothing semantics for free: a process killed at any
+point leaves either the previous checkpoint or the new one, never a torn file. The other ranks
+wait at a barrier so that no rank runs ahead and, for instance, reads a checkpoint that is not
+there yet. Every rank must be able to read the directory (one node, or a shared file system).
+
+Loading validates before it touches anything: a checkpoint written for another optimizer class
+or another parameter layout raises :class:`ValueError` and leaves model, optimizer and scheduler
+as they were.
+
+Example (one process, no process group needed)::
+
+    >>> import tempfile, torch
+    >>> from overlap_sgd.checkpoint import (checkpoint_path, checkpoint_state, latest_checkpoint,
+    ...                                     load_checkpoint, save_checkpoint)
+    >>> net = torch.nn.Linear(3, 2)
+    >>> opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    >>> run_dir = tempfile.mkdtemp()
+    >>> save_checkpoint(checkpoint_path(run_dir, 5), checkpoint_state(net, opt, step=5))
+    >>> load_checkpoint(latest_checkpoint(run_dir), net, opt)["step"]
+    5
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
+
+__all__ = [
+    "checkpoint_path",
+    "checkpoint_state",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "save_checkpoint",
+]
+
+#: Complete checkpoints are named ``ckpt-<step>.pt``; temporary files start with a dot.
+_NAME = re.compile(r"^ckpt-(\d+)\.pt$")
+_FORMAT = 1
+
+
+def checkpoint_path(directory: str | os.PathLike[str], step: int) -> Path:
+    """The path of the checkpoint for ``step`` in ``directory`` (``ckpt-00000042.pt``)."""
+    if step < 0:
+        raise ValueError(f"step must be non-negative, got {step}")
+    return Path(directory) / f"ckpt-{step:08d}.pt"
+
+
+def checkpoint_state(
+    model: nn.Module,
+    optimizer: Optimizer,
+    scheduler: Any = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Everything needed to resume: model, optimizer and scheduler state, plus ``extra``.
+
+    ``model`` may be a DDP model (its ``module``'s state dict is stored, without the
+    ``module.`` prefix). ``optimizer`` may be an :class:`~overlap_sgd.OverlappedOptimizer`, whose
+    state dict is its wrapped optimizer's; the wrapped class's name is stored, so a checkpoint
+    resumes with or without the overlap. ``extra`` (a step counter, a data position) must be
+    plain data: ints, floats, strings, tensors, and lists, tuples or dicts of them.
+    """
+    reserved = {"format", "model", "optimizer", "optimizer_class", "layout", "scheduler"} & extra.keys()
+    if reserved:
+        raise ValueError(f"extra keys {sorted(reserved)} are reserved by checkpoint_state()")
+    state: dict[str, Any] = {
+        "format": _FORMAT,
+        "model": _module(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "optimizer_class": _class_name(optimizer),
+        "layout": _layout(optimizer),
+    }
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    state.update(extra)
+    return state
+
+
+def save_checkpoint(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write ``obj`` to ``path`` atomically, from rank 0; every rank must call it.
+
+    Rank 0 (or the only process, without a process group) writes ``obj`` with
+    :func:`torch.save` to a temporary file in ``path``'s directory, flushes and fsyncs it, renames
+    it over ``path`` (:func:`os.replace`, atomic on POSIX) and fsyncs the directory so that the
+    rename itself survives a power loss. The other ranks wait at a barrier until it is done. A
+    process killed at any point leaves ``path`` either absent, or holding its previous
+    complete content, or holding the new one; at worst a stray temporary file, which
+    :func:`latest_checkpoint` ignores.
+    """
+    path = Path(path)
+    try:
+        if _rank() == 0:
+            _write_atomically(path, obj)
+    finally:
+        # Rank 0 joins the barrier even when writing failed, so that the others do not hang
+        # until the process-group timeout; it then raises, which ends the job.
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+
+def latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
+    """The complete checkpoint with the highest step in ``directory``, or ``None``.
+
+    Only files named as :func:`checkpoint_path` names them count; a temporary file left by a
+    writer that was killed does not. A missing directory has no checkpoint.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    best: tuple[int, Path] | None = None
+    for entry in directory.iterdir():
+        m = _NAME.match(entry.name)
+        if m and entry.is_file():
+            step = int(m.group(1))
+            if best is None or step > best[0]:
+                best = (step, entry)
+    return None if best is None else best[1]
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    optimizer: Optimizer,
+    scheduler: Any = None,
+    *,
+    map_location: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Load a :func:`checkpoint_state` checkpoint into ``model``, ``optimizer`` and ``scheduler``.
+
+    Returns the whole checkpoint, so the caller can read what it stored as ``extra`` (e.g.
+    ``["step"]``). Every rank loads the same file, which keeps DDP replicas identical.
+
+    Raises:
+        ValueError: the checkpoint was written for another optimizer class, for parameters of
+            another number or shape, for other param-group sizes, for a model with other state
+            keys or shapes, or without the scheduler state asked for. Nothing is modified then.
+    """
+    ckpt = torch.load(Path(path), map_location=map_location, weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != _FORMAT:
+        raise ValueError(f"{path} is not a checkpoint written by overlap_sgd.checkpoint_state()")
+    _check_compatible(str(path), ckpt, _module(model), optimizer, scheduler)
+    _module(model).load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(ckpt["scheduler"])
+    return ckpt
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _module(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _class_name(optimizer: Optimizer) -> str:
+    # An OverlappedOptimizer's state belongs to the optimizer it wraps.
+    inner = getattr(optimizer, "optimizer", None)
+    cls = type(inner) if isinstance(inner, Optimizer) else type(optimizer)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _layout(optimizer: Optimizer) -> list[list[list[int]]]:
+    """Per param group, the shape of each parameter, in optimizer order."""
+    return [[list(p.shape) for p in group["params"]] for group in optimizer.param_groups]
+
+
+def _check_compatible(
+    where: str, ckpt: dict[str, Any], model: nn.Module, optimizer: Optimizer, scheduler: Any
+) -> None:
+    want, have = ckpt.get("optimizer_class"), _class_name(optimizer)
+    if want != have:
+        raise ValueError(
+            f"{where} holds the state of a {want} optimizer, but the optimizer to load it "
+            f"into is a {have}; build the same optimizer class as the run that wrote it"
+        )
+    saved, current = ckpt.get("layout"), _layout(optimizer)
+    if saved != current:
+        raise ValueError(
+            f"{where} was written for another parameter layout: {_describe(saved)} in the "
+            f"checkpoint, {_describe(current)} in the optimizer"
+        )
+    model_state = model.state_dict()
+    saved_model = ckpt["model"]
+    missing = sorted(model_state.keys() - saved_model.keys())
+    unexpected = sorted(saved_model.keys() - model_state.keys())
+    if missing or unexpected:
+        raise ValueError(
+            f"{where} does not match the model's state keys: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    for key, value in model_state.items():
+        old = saved_model[key]
+        if isinstance(value, torch.Tensor) and isinstance(old, torch.Tensor) and old.shape != value.shape:
+            raise ValueError(
+                f"{where} holds {key!r} of shape {tuple(old.shape)}, but the model's "
+                f"is {tuple(value.shape)}"
+            )
+    if scheduler is not None and "scheduler" not in ckpt:
+        raise ValueError(f"{where} holds no scheduler state, but a scheduler was given to load it")
+
+
+def _describe(layout: Any) -> str:
+    if not isinstance(layout, list):
+        return "no layout"
+    sizes = [len(group) for group in layout]
+    shapes = [tuple(s) for group in layout for s in group]
+    shown = ", ".join(str(s) for s in shapes[:6]) + (", ..." if len(shapes) > 6 else "")
+    return f"{sum(sizes)} parameters in param groups of sizes {sizes} (shapes {shown})"
+
+
+def _write_atomically(path: Path, obj: Any) -> None:
+    directory = path.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: Path) -> None:
+    # Makes the rename durable. Not every platform or file system lets a directory be opened.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
