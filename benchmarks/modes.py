@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -204,7 +205,10 @@ def _build_upstream(mode: Mode, ctx: ModeContext) -> Mode:
     hyper = dict(hyper)
     lr = hyper.pop("lr")
     try:
-        ddp._register_fused_optim(cls, lr, **hyper)
+        # Its functional optimizers warn about TorchScript, forcing the warning through any
+        # "ignore" filter; recording swallows it.
+        with warnings.catch_warnings(record=True):
+            ddp._register_fused_optim(cls, lr, **hyper)
     except (RuntimeError, ValueError, TypeError) as exc:
         mode.skipped = f"_register_fused_optim failed: {exc}"
         return mode

@@ -74,6 +74,7 @@ def checkpoint_state(
     model: nn.Module,
     optimizer: Optimizer,
     scheduler: Any = None,
+    /,
     **extra: Any,
 ) -> dict[str, Any]:
     """Everything needed to resume: model, optimizer and scheduler state, plus ``extra``.
@@ -205,8 +206,8 @@ def _check_compatible(
     saved, current = ckpt.get("layout"), _layout(optimizer)
     if saved != current:
         raise ValueError(
-            f"{where} was written for another parameter layout: {_describe(saved)} in the "
-            f"checkpoint, {_describe(current)} in the optimizer"
+            f"{where} was written for another parameter layout. Checkpoint: {_describe(saved)}. "
+            f"Optimizer: {_describe(current)}"
         )
     model_state = model.state_dict()
     saved_model = ckpt["model"]

@@ -14,8 +14,9 @@ class Net(nn.Module):
     """An MLP with optional tied weights, a frozen layer and a sometimes-unused branch."""
 
     def __init__(self, width: int = 16, depth: int = 3, tied: bool = False, frozen: bool = False,
-                 branch: bool = False):
+                 branch: bool = False, reverse: bool = False):
         super().__init__()
+        self.reverse = reverse  # use the body in reverse registration order (DDP rebuilds buckets)
         self.inp = nn.Linear(8, width)
         self.body = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
         self.head = nn.Linear(width, 4)
@@ -30,7 +31,7 @@ class Net(nn.Module):
 
     def forward(self, x: torch.Tensor, use_branch: bool = False) -> torch.Tensor:
         h = torch.tanh(self.inp(x))
-        for layer in self.body:
+        for layer in (reversed(self.body) if self.reverse else self.body):
             h = torch.tanh(layer(h))
         if self.tied:
             h = torch.tanh(self.dec(h))

@@ -71,8 +71,10 @@ class BucketPlan:
         self.device = buffer.device
         self.sparse = buffer.is_sparse
         self._buffer_key = _key(buffer)
+        # DDP's own views of the buffer serve while the hook returns the buffer itself. A sparse
+        # bucket has none: its gradient is the communicated tensor, new every step.
         self._views: list[Tensor] = list(gradients)
-        self._views_key = self._buffer_key
+        self._views_key = None if self.sparse else self._buffer_key
         self.segments: list[Segment] = []
         by_owner: dict[tuple[int, int], Segment] = {}
         for pos, p in enumerate(self.params):
@@ -105,7 +107,7 @@ class BucketPlan:
     def views(self, result: Tensor) -> list[Tensor]:
         """Per-parameter gradient views into the communicated bucket ``result``."""
         key = _key(result)
-        if key != self._views_key:
+        if key is None or key != self._views_key:
             self._views = self._views_of(result)
             self._views_key = key
             for seg in self.segments:
@@ -180,9 +182,9 @@ class BucketPlan:
         return bad
 
 
-def _key(t: Tensor) -> tuple[Any, ...]:
+def _key(t: Tensor) -> tuple[Any, ...] | None:
     if t.is_sparse:
-        return (id(t),)
+        return None
     return (t.data_ptr(), t.numel(), t.dtype, t.device)
 
 

@@ -66,6 +66,13 @@ def _apply(comm: Future, used: Future | None, update: Update) -> Tensor:
     return result
 
 
+def _unwrap(done: Future) -> Tensor:
+    value = done.value()
+    if isinstance(value, Exception):
+        raise value
+    return value
+
+
 def _when_done(comm: Future, used: Future | None) -> Future:
     return comm if used is None else torch.futures.collect_all([comm, used])
 
@@ -102,18 +109,20 @@ class ThreadExecutor(Executor):
 
     def after(self, comm: Future, used: Future | None, update: Update) -> Future:
         self._ensure_started()
-        out: Future = Future()
+        # The worker completes `done` with the result or the exception it raised; `then`
+        # re-raises the latter, which marks the returned future as failed in C++, so DDP's
+        # wait in backward() raises it (Future.set_exception would hand DDP the exception
+        # object as if it were the bucket tensor).
+        done: Future = Future()
 
         def task() -> None:
             try:
-                result = _apply(comm, used, update)
-            except Exception as exc:  # surfaced through DDP's wait in backward()
-                out.set_exception(exc)
-            else:
-                out.set_result(result)
+                done.set_result(_apply(comm, used, update))
+            except Exception as exc:
+                done.set_result(exc)
 
         _when_done(comm, used).add_done_callback(lambda _: self._queue.put(task))
-        return out
+        return done.then(_unwrap)
 
     def close(self) -> None:
         with self._lock:

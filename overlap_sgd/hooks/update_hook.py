@@ -120,6 +120,9 @@ class OverlapHookState:
         self.syncs = 0
         #: Count of bucket plans built (DDP's bucket rebuild after iteration one adds some).
         self.plans_built = 0
+        #: The last exception a bucket update raised. DDP re-raises it from ``backward()`` as a
+        #: RuntimeError carrying its message; this keeps the original object.
+        self.last_error: Optional[Exception] = None
         #: The OverlappedOptimizers built on this state, in order (set by ``overlap()``).
         self.wrapped: list[Any] = []
 
@@ -214,11 +217,15 @@ def overlap_hook(state: OverlapHookState, bucket: dist.GradBucket) -> torch.futu
     check, clip = state.check_finite, state.clip
 
     def update(result: Tensor, flags: Optional[Tensor]) -> None:
-        if check:
-            bad = plan.check_finite(result)
-            if bad:
-                raise NonFiniteGradientError(bad, plan.index)
-        plan.run(result, flags, clip)
+        try:
+            if check:
+                bad = plan.check_finite(result)
+                if bad:
+                    raise NonFiniteGradientError(bad, plan.index)
+            plan.run(result, flags, clip)
+        except Exception as exc:
+            state.last_error = exc
+            raise
 
     return state.executor(plan.device).after(comm, used, update)
 

@@ -1,0 +1,141 @@
+"""python -m benchmarks.overlap_bench [--nproc 2] [--link-gbps 2 --bucket-cap-mb 4] [--out bench-out]
+
+Measures, in one run, the DDP step time of five modes, interleaved round-robin so that drift of
+the machine hits each alike (every mode has its own DDP model, built from the same weights):
+
+  floor       DDP backward only, no optimizer: the limit of any overlap
+  post        optimizer.step() after backward, torch's default kernels
+  post-fused  optimizer.step() after backward, the faster of fused=True / foreach=True
+  upstream    DistributedDataParallel._register_fused_optim, PyTorch's own overlap
+  overlap     overlap_sgd.overlap: each bucket updated as soon as its all-reduce lands
+
+and reports median step time with p10/p90 and IQR, the ratios overlap/post, overlap/post-fused
+and overlap/upstream, the hidden fraction (post - overlap) / (post - floor), the optimizer step's
+achieved GB/s next to a triad kernel's, and peak memory. Writes OUT/overlap_bench.json, PNG plots
+when matplotlib is importable, and prints a table.
+
+Ranks: without torchrun the tool spawns --nproc gloo ranks on a free 127.0.0.1 port; under
+``torchrun --nproc-per-node N benchmarks/overlap_bench.py ...`` it runs as the launched rank.
+
+--link-gbps X *simulates* a slower network: each bucket's real all-reduce result is held on one
+serialized link thread per rank for bytes*8/X ns before its future completes (the thread sleeps,
+spending no CPU). All communicating modes use the same comm-hook wrapper; upstream cannot take a
+custom comm hook and is reported as skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.launch import launched_by_torchrun, run_torchrun, spawn  # noqa: E402
+from benchmarks.modes import MODES  # noqa: E402
+from benchmarks.runner import BenchJob, BenchOptions, rank_entry  # noqa: E402
+from benchmarks.workloads import OPTIMIZERS  # noqa: E402
+
+__all__ = ["main", "parse_args"]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(t) for t in text.split(",") if t.strip()]
+
+
+def _names(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        names = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [n for n in names if n not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {', '.join(choices)}")
+        return names
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    doc = __doc__ or ""
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.overlap_bench",
+        description=doc.split("\n", 1)[1] if "\n" in doc else doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    d = BenchOptions()
+    g = p.add_argument_group("ranks")
+    g.add_argument("--nproc", type=int, default=2, help="ranks to spawn without torchrun (default 2)")
+    g.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cpu: gloo ranks; cuda: nccl ranks, one GPU each (default cpu)")
+    g.add_argument("--threads", type=int, default=d.threads, help="torch threads per rank (default 1)")
+    g.add_argument("--timeout", type=float, default=600.0, help="process-group timeout, s")
+    g = p.add_argument_group("workload")
+    g.add_argument("--model", type=_names(("mlp", "transformer")), default=d.models,
+                   help="mlp and/or transformer, comma-separated (default mlp)")
+    g.add_argument("--optim", type=_names(tuple(OPTIMIZERS)), default=d.optimizers,
+                   help="sgd (momentum 0.9), adamw, adam; comma-separated (default sgd)")
+    g.add_argument("--width", type=int, default=d.width, help="MLP width (default 1024)")
+    g.add_argument("--depth", type=int, default=d.depth, help="MLP layers (default 8)")
+    g.add_argument("--tf-width", type=int, default=d.tf_width, help="transformer d_model (default 256)")
+    g.add_argument("--tf-depth", type=int, default=d.tf_depth, help="transformer layers (default 4)")
+    g.add_argument("--tf-heads", type=int, default=d.tf_heads, help="attention heads (default 4)")
+    g.add_argument("--seq-len", type=int, default=d.seq_len, help="transformer sequence length (default 16)")
+    g.add_argument("--batch", type=int, default=d.batch, help="batch size per rank (default 32)")
+    g = p.add_argument_group("communication")
+    g.add_argument("--bucket-cap-mb", type=float, default=d.bucket_cap_mb, help="DDP bucket_cap_mb (default 25)")
+    g.add_argument("--link-gbps", type=float, default=None,
+                   help="simulate a link of this many Gbit/s (default: none, plain loopback)")
+    g.add_argument("--sweep-link", type=_floats, default=[], metavar="G1,G2,..",
+                   help="also run at these simulated link speeds (at --bucket-cap-mb)")
+    g.add_argument("--sweep-bucket", type=_floats, default=[], metavar="MB1,MB2,..",
+                   help="also run at these bucket sizes (at --link-gbps)")
+    g.add_argument("--gradient-as-bucket-view", action="store_true", help="DDP gradient_as_bucket_view=True")
+    g = p.add_argument_group("measurement")
+    g.add_argument("--modes", type=_names(MODES), default=list(MODES),
+                   help=f"modes to run (default {','.join(MODES)})")
+    g.add_argument("--rounds", type=int, default=d.rounds, help="round-robin rounds (default 5)")
+    g.add_argument("--steps-per-round", type=int, default=d.steps_per_round, help="steps per mode per round (default 5)")
+    g.add_argument("--warmup", type=int, default=d.warmup, help="warm-up steps per mode (default 3)")
+    g.add_argument("--overlap-kernel", default=d.overlap_kernel, choices=["auto", "fused", "foreach", "default"],
+                   help="overlap's optimizer kernel: auto = post-fused's pick; default = the optimizer's "
+                        "defaults, i.e. foreach bucket updates (default auto)")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default="bench-out", help="output directory (default bench-out/)")
+    g.add_argument("--trace", default=None, metavar="PATH",
+                   help="write a Chrome trace of a few overlap steps, buckets labelled (rank 0)")
+    g.add_argument("--trace-steps", type=int, default=d.trace_steps, help="steps in the trace (default 3)")
+    g.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
+    g.add_argument("--quiet", action="store_true", help="no progress lines")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[BenchJob, argparse.Namespace]:
+    """The job described by ``argv`` and the parsed namespace."""
+    a = build_parser().parse_args(argv)
+    for name in ("nproc", "rounds", "steps_per_round", "threads", "batch", "width", "depth"):
+        if getattr(a, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
+    opts = BenchOptions(
+        models=a.model, optimizers=a.optim, width=a.width, depth=a.depth, tf_width=a.tf_width,
+        tf_depth=a.tf_depth, tf_heads=a.tf_heads, seq_len=a.seq_len, batch=a.batch,
+        bucket_cap_mb=a.bucket_cap_mb, link_gbps=a.link_gbps, sweep_link=a.sweep_link,
+        sweep_bucket=a.sweep_bucket, rounds=a.rounds, steps_per_round=a.steps_per_round,
+        warmup=a.warmup, modes=a.modes, device=a.device, threads=a.threads,
+        overlap_kernel=a.overlap_kernel, gradient_as_bucket_view=a.gradient_as_bucket_view,
+        trace=a.trace, trace_steps=a.trace_steps, seed=a.seed, verbose=not a.quiet,
+    )
+    return BenchJob(opts, out_dir=a.out, plot=not a.no_plot), a
+
+
+def main(argv: list[str] | None = None) -> int:
+    job, a = parse_args(argv)
+    if launched_by_torchrun():
+        run_torchrun(rank_entry, a.device, job, a.timeout)
+        return 0
+    return spawn(rank_entry, a.nproc, a.device, job, timeout_s=a.timeout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

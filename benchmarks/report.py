@@ -1,0 +1,181 @@
+"""The benchmark's outputs: a JSON file, a terminal table and, with matplotlib, PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["format_table", "plot", "write_json"]
+
+JSON_NAME = "overlap_bench.json"
+
+
+def write_json(result: dict[str, Any], out_dir: str | Path) -> Path:
+    """Write ``result`` to ``out_dir/overlap_bench.json``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / JSON_NAME
+    path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    return path
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{1e3 * x:.1f}"
+
+
+def _num(x: float | None, fmt: str = ".3f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _mb(x: int | None) -> str:
+    return "-" if x is None else f"{x / 2**20:.0f}"
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A plain-text table per run: per-mode step times, ratios, bandwidth and memory."""
+    env = result.get("environment", {})
+    lines = [
+        f"world {env.get('world_size')} x {env.get('threads_per_rank')} thread(s), "
+        f"{env.get('backend')} on {env.get('device')}, torch {env.get('torch')}, "
+        f"{env.get('cpu_count')} CPUs"
+    ]
+    for run in result["runs"]:
+        lines.append("")
+        lines.append(f"== {run['label']}  ({run['params'] / 1e6:.2f}M params, {run['optimizer_desc']})")
+        lines.append(
+            f"{'mode':<11}{'median ms':>10}{'p10':>8}{'p90':>8}{'IQR':>7}{'fwd+bwd':>9}"
+            f"{'opt.step':>9}{'setup MB':>9}{'step MB':>8}  kernel / note"
+        )
+        for name, m in run["modes"].items():
+            if m["status"] != "ok":
+                lines.append(f"{name:<11}{'skipped':>10}  {m['reason']}")
+                continue
+            st = m["step"]
+            mem = m.get("memory", {})
+            growth = max(((g or {}).get("rss") or 0 for g in mem.get("setup_growth", [])), default=None)
+            transient = max((v or 0 for v in mem.get("rss_transient", [])), default=None)
+            note = _mode_note(name, run, m)
+            lines.append(
+                f"{name:<11}{_ms(st['median']):>10}{_ms(st['p10']):>8}{_ms(st['p90']):>8}"
+                f"{_ms(st['iqr']):>7}{_ms(m.get('backward', {}).get('median')):>9}"
+                f"{_ms(m.get('opt_step', {}).get('median')):>9}{_mb(growth):>9}{_mb(transient):>8}  {note}"
+            )
+        c = run["comparison"]
+        lines.append(
+            "overlap/post {}   overlap/post-fused {}   overlap/upstream {}   hidden fraction {} "
+            "(vs post-fused {})".format(
+                _num(c.get("overlap/post")), _num(c.get("overlap/post-fused")),
+                _num(c.get("overlap/upstream")), _num(c.get("hidden_fraction")),
+                _num(c.get("hidden_fraction_vs_fused")),
+            )
+        )
+        bw = run.get("bandwidth") or {}
+        if bw:
+            triad = bw.get("triad_gbs")
+            step = bw.get("post_fused_step_gbs")
+            share = f" = {step / triad:.0%} of triad" if step and triad else ""
+            lines.append(
+                f"optimizer step ({run['post_fused_kernel']}, {bw['moved_bytes'] / 1e6:.0f} MB moved): "
+                f"{_ms(bw.get('post_fused_step_s'))} ms, {_num(step, '.1f')} GB/s{share}; "
+                f"triad {_num(triad, '.1f')} GB/s (best {_num(bw.get('triad_best_gbs'), '.1f')}); "
+                f"overlap bucket updates {_num(bw.get('overlap_update_gbs'), '.1f')} GB/s "
+                f"({_ms(bw.get('overlap_update_busy_s'))} ms busy)"
+            )
+        peaks = [r.get("peak_rss") for r in run.get("memory", {}).get("per_rank", [])]
+        if any(peaks):
+            lines.append("peak RSS per rank (MB): " + ", ".join(_mb(p) for p in peaks))
+    return "\n".join(lines)
+
+
+def _mode_note(name: str, run: dict[str, Any], m: dict[str, Any]) -> str:
+    kernel = {"post": "default", "post-fused": run["post_fused_kernel"], "floor": "no optimizer",
+              "upstream": "per-param step in comm callback"}.get(name, "")
+    if name == "overlap":
+        busy = m.get("update_busy", {}).get("median")
+        wait = m.get("update_wait", {}).get("median")
+        tail = m.get("tail", {}).get("median")
+        kernel = f"updates {_ms(busy)} ms, queued {_ms(wait)} ms, tail after last comm {_ms(tail)} ms"
+    return kernel
+
+
+def plot(result: dict[str, Any], out_dir: str | Path) -> list[Path]:
+    """Bar charts of step time per mode and, for sweeps, hidden fraction curves.
+
+    Returns the written files; nothing when matplotlib is not importable.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [_plot_steps(plt, result, out / "step_times.png")]
+    opts = result.get("options", {})
+    if opts.get("sweep_link"):
+        path = _plot_sweep(plt, result, out / "hidden_vs_link.png", "link_gbps", "simulated link (Gbit/s)",
+                           fixed=("bucket_cap_mb", opts.get("bucket_cap_mb")))
+        if path:
+            written.append(path)
+    if opts.get("sweep_bucket"):
+        path = _plot_sweep(plt, result, out / "hidden_vs_bucket.png", "bucket_cap_mb", "bucket_cap_mb (MB)",
+                           fixed=("link_gbps", opts.get("link_gbps")))
+        if path:
+            written.append(path)
+    return written
+
+
+def _plot_steps(plt: Any, result: dict[str, Any], path: Path) -> Path:
+    runs = result["runs"]
+    fig, axes = plt.subplots(len(runs), 1, figsize=(8, 2.6 * len(runs) + 0.6), squeeze=False)
+    for ax, run in zip(axes[:, 0], runs):
+        names, med, lo, hi = [], [], [], []
+        for name, m in run["modes"].items():
+            if m["status"] != "ok":
+                continue
+            st = m["step"]
+            names.append(name)
+            med.append(1e3 * st["median"])
+            lo.append(1e3 * (st["median"] - st["p10"]))
+            hi.append(1e3 * (st["p90"] - st["median"]))
+        colors = ["#d62728" if n == "overlap" else "#7f7f7f" if n == "floor" else "#1f77b4" for n in names]
+        ax.bar(names, med, yerr=[lo, hi], color=colors, capsize=4)
+        ax.set_ylabel("ms / step (median, p10-p90)")
+        ax.set_title(run["label"], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_sweep(plt: Any, result: dict[str, Any], path: Path, key: str, xlabel: str,
+                fixed: tuple[str, Any]) -> Path | None:
+    series: dict[str, list[tuple[float, float, float | None]]] = {}
+    for run in result["runs"]:
+        if run.get(fixed[0]) != fixed[1] or run.get(key) is None:
+            continue
+        c = run["comparison"]
+        name = f"{run['workload']['kind']} / {run['optimizer']}"
+        series.setdefault(name, []).append((run[key], c.get("hidden_fraction"), c.get("hidden_fraction_vs_fused")))
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, pts in series.items():
+        pts.sort()
+        xs = [p[0] for p in pts]
+        nan = float("nan")
+        ax.plot(xs, [nan if p[1] is None else p[1] for p in pts], marker="o", label=f"{name} vs post")
+        ax.plot(xs, [nan if p[2] is None else p[2] for p in pts], marker="x", linestyle="--",
+                label=f"{name} vs post-fused")
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("hidden fraction (post - overlap) / (post - floor)")
+    ax.axhline(1.0, color="gray", linewidth=0.8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

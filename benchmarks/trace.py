@@ -1,0 +1,50 @@
+"""A Chrome trace of a few overlap-mode steps, each bucket's communication and update labelled.
+
+The overlap mode traced here is built with :func:`~benchmarks.instrument.labelled_hook` and an
+:class:`~benchmarks.instrument.InstrumentedExecutor` with labels on, so the trace shows
+``bucket<i>/comm`` (launch to completion) and ``bucket<i>/update`` ranges, inside ``step<k>``
+ranges. Open the file in ``chrome://tracing`` or https://ui.perfetto.dev.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+__all__ = ["write_trace"]
+
+
+def _profiler(device: torch.device) -> profile:
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    try:
+        # The updates run on overlap-sgd's worker thread: record every thread, not just this one.
+        from torch.profiler import _ExperimentalConfig
+
+        return profile(activities=activities, experimental_config=_ExperimentalConfig(profile_all_threads=True))
+    except (ImportError, TypeError):
+        return profile(activities=activities)
+
+
+def write_trace(path: str | Path, step: Callable[[], object], steps: int, device: torch.device,
+                record: bool = True) -> Path | None:
+    """Run ``step`` ``steps`` times; with ``record``, under the profiler, saving a Chrome trace.
+
+    Every rank runs the steps (they communicate); only the ranks with ``record`` profile.
+    """
+    if not record:
+        for _ in range(steps):
+            step()
+        return None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _profiler(device) as prof:
+        for k in range(steps):
+            with record_function(f"step{k}"):
+                step()
+    prof.export_chrome_trace(str(path))
+    return path

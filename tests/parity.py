@@ -1,0 +1,210 @@
+"""The parity machinery: train a reference DDP model (post-backward step) and an overlapped one
+side by side on every rank, then check parameters, gradients and optimizer state agree and that
+the parameters moved. Scenarios are plain dataclass rows; one body runs them all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook as powersgd
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import overlap_sgd
+from tests.models import Net, batch, twin
+
+__all__ = ["Scenario", "parity_body", "parity_many", "check_moved"]
+
+#: ``make(model, scenario) -> list of optimizers`` over the DDP model's parameters.
+Maker = Callable[[torch.nn.Module, "Scenario"], list[torch.optim.Optimizer]]
+
+
+@dataclass
+class Scenario:
+    name: str = ""
+    make: Any = None  # an optimizer factory: params -> Optimizer (picklable), or a Maker via `multi`
+    multi: Any = None  # a Maker returning several optimizers
+    world_size: int = 2
+    steps: int = 6
+    bucket_cap_mb: float = 0.002  # ~500 floats: many buckets
+    net: dict[str, Any] = field(default_factory=dict)
+    ddp: dict[str, Any] = field(default_factory=dict)
+    comm: str | None = None
+    executor: str = "auto"
+    accumulate: int = 1
+    groups: bool = False
+    scheduler: bool = False
+    partial_optimizer: bool = False
+    branch_rule: str = "none"
+    swap_state_at: int | None = None
+    autocast: bool = False
+    clip_value: float | None = None
+    clip_norm: float | None = None
+    atol: float = 1e-6
+    rtol: float = 1e-5
+
+
+def _params(model: DDP, scenario: Scenario) -> Any:
+    named = [(n, p) for n, p in model.module.named_parameters() if p.requires_grad]
+    if scenario.partial_optimizer:
+        return [p for n, p in named if not n.startswith("head")]
+    if not scenario.groups:
+        return [p for _, p in named]
+    body = [p for n, p in named if n.startswith("body")]
+    rest = [p for n, p in named if not n.startswith("body")]
+    return [{"params": body, "lr": 0.02, "weight_decay": 0.05}, {"params": rest}]
+
+
+def _optimizers(model: DDP, scenario: Scenario) -> list[torch.optim.Optimizer]:
+    if scenario.multi is not None:
+        return scenario.multi(model, scenario)
+    return [scenario.make(_params(model, scenario))]
+
+
+def bf16_allreduce(state, bucket):  # unannotated: DDP inspects hook annotations
+    """torch's bf16 compression hook under another name: DDP refuses the original off CUDA."""
+    return default_hooks.bf16_compress_hook(state, bucket)
+
+
+def _comm(scenario: Scenario, process_group: Any) -> tuple[Any, Any]:
+    if scenario.comm is None:
+        return None, None
+    if scenario.comm == "fp16":
+        return default_hooks.fp16_compress_hook, process_group
+    if scenario.comm == "bf16":
+        return bf16_allreduce, process_group
+    if scenario.comm == "powersgd":
+        state = powersgd.PowerSGDState(
+            process_group=process_group, matrix_approximation_rank=1, start_powerSGD_iter=2,
+            min_compression_rate=0.5, random_seed=7,
+        )
+        return powersgd.powerSGD_hook, state
+    raise ValueError(scenario.comm)
+
+
+def _uses_branch(rule: str, step: int, rank: int) -> bool:
+    if rule == "mixed":  # some steps one rank, some steps no rank at all
+        return step % 4 == rank
+    return False
+
+
+def _clip_reference(model: DDP, scenario: Scenario) -> None:
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        if scenario.clip_value is not None:
+            torch.nn.utils.clip_grad_value_([p], scenario.clip_value)
+        if scenario.clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p], scenario.clip_norm)
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, scenario: Scenario, what: str) -> None:
+    torch.testing.assert_close(
+        actual, expected, rtol=scenario.rtol, atol=scenario.atol, equal_nan=True,
+        msg=lambda m: f"[{scenario.name}] {what}: {m}",
+    )
+
+
+def parity_body(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any]:
+    torch.manual_seed(0)
+    net = Net(**scenario.net)
+    kwargs = dict(bucket_cap_mb=scenario.bucket_cap_mb, **scenario.ddp)
+    ref = DDP(twin(net), **kwargs)
+    ovl = DDP(net, **kwargs)
+    hook, hook_state = _comm(scenario, ref.process_group)
+    if hook is not None:
+        ref.register_comm_hook(hook_state, hook)
+    ovl_hook, ovl_hook_state = _comm(scenario, ovl.process_group)
+
+    ref_opts = _optimizers(ref, scenario)
+    raw = _optimizers(ovl, scenario)
+    wrapped = overlap_sgd.overlap(
+        ovl, raw if scenario.multi else raw[0], comm_hook=ovl_hook, comm_state=ovl_hook_state,
+        executor=scenario.executor, clip_grad_value=scenario.clip_value,
+        clip_grad_norm=scenario.clip_norm,
+    )
+    opts = wrapped if scenario.multi else [wrapped]
+    assert len(opts) == len(ref_opts)
+    assert all(isinstance(o, torch.optim.Optimizer) for o in opts)
+    scheds = []
+    if scenario.scheduler:
+        scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in ref_opts + opts]
+
+    initial = {n: p.detach().clone() for n, p in ovl.module.named_parameters()}
+    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if scenario.autocast else nullcontext
+    for step in range(scenario.steps):
+        if scenario.swap_state_at == step:
+            # State dicts interchange: each side continues from the other's state.
+            sd_ref = [o.state_dict() for o in ref_opts]
+            sd = [o.state_dict() for o in opts]
+            for o, s in zip(ref_opts, sd):
+                o.load_state_dict(s)
+            for o, s in zip(opts, sd_ref):
+                o.load_state_dict(s)
+        last_grads = []
+        for model, optimizers in ((ref, ref_opts), (ovl, opts)):
+            for micro in range(scenario.accumulate):
+                x, y = batch(step * scenario.accumulate + micro, rank)
+                use = _uses_branch(scenario.branch_rule, step, rank)
+                sync = micro == scenario.accumulate - 1
+                with (nullcontext() if sync else model.no_sync()):
+                    with ctx():
+                        out = model(x, use_branch=use)
+                    F.mse_loss(out.float(), y).backward()
+            if model is ref and (scenario.clip_value or scenario.clip_norm):
+                _clip_reference(model, scenario)
+            last_grads.append({n: None if p.grad is None else p.grad.clone()
+                               for n, p in model.module.named_parameters()})
+            for o in optimizers:
+                o.step()
+                o.zero_grad()
+        for s in scheds:
+            s.step()
+        for n, g in last_grads[0].items():
+            g2 = last_grads[1][n]
+            assert (g is None) == (g2 is None), f"[{scenario.name}] step {step}: grad of {n} None on one side"
+            if g is not None:
+                _close(g2, g, scenario, f"step {step} grad {n}")
+
+    moved = {}
+    for (n, p_ref), p in zip(ref.module.named_parameters(), ovl.module.parameters()):
+        _close(p.detach(), p_ref.detach(), scenario, f"parameter {n}")
+        moved[n] = not torch.equal(p.detach(), initial[n])
+    for i, (o_ref, o) in enumerate(zip(ref_opts, opts)):
+        sd_ref, sd = o_ref.state_dict(), o.state_dict()
+        assert sd["param_groups"] == sd_ref["param_groups"], f"[{scenario.name}] param groups"
+        assert sd["state"].keys() == sd_ref["state"].keys(), f"[{scenario.name}] state keys"
+        for k, st in sd_ref["state"].items():
+            assert st.keys() == sd["state"][k].keys()
+            for key, v in st.items():
+                if isinstance(v, torch.Tensor):
+                    _close(sd["state"][k][key], v, scenario, f"optimizer {i} state {k}/{key}")
+                else:
+                    assert sd["state"][k][key] == v, f"[{scenario.name}] state {k}/{key}"
+    state = ovl._overlap_sgd_state
+    return {
+        "name": scenario.name,
+        "moved": moved,
+        "lrs": [g["lr"] for o in opts for g in o.param_groups],
+        "plans_built": state.plans_built,
+        "buckets": len(state._plans),
+        "syncs": state.syncs,
+    }
+
+
+def parity_many(rank: int, world_size: int, scenarios: list[Scenario]) -> list[dict[str, Any]]:
+    """Several scenarios in one set of ranks (saves process start-up)."""
+    return [parity_body(rank, world_size, s) for s in scenarios]
+
+
+def check_moved(result: dict[str, Any], frozen: tuple[str, ...] = ()) -> None:
+    for name, moved in result["moved"].items():
+        if any(name.startswith(f) for f in frozen):
+            assert not moved, f"[{result['name']}] {name} should not have moved"
+        else:
+            assert moved, f"[{result['name']}] {name} did not move: parity would be trivial"

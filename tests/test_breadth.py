@@ -1,0 +1,234 @@
+"""Breadth: every torch.optim optimizer, a user optimizer, several optimizers per model, bf16
+autocast, clipping, and the optimizers that cannot be overlapped.
+
+Table-driven: optimizers-with-options crossed with scenarios, all through one parity body
+(:mod:`tests.parity`) that compares against DDP + post-backward ``torch.optim``.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import overlap_sgd
+from tests.distributed import run_distributed
+from tests.models import Net, batch
+from tests.parity import Scenario, check_moved, parity_many
+
+
+class Lion(torch.optim.Optimizer):
+    """A user optimizer nobody registered (Chen et al., 2023): per-parameter, sign of momentum."""
+
+    def __init__(self, params: Any, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0.0):
+        super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p)
+                exp_avg = state["exp_avg"]
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                update = exp_avg.mul(beta1).add_(p.grad, alpha=1 - beta1).sign_()
+                p.add_(update, alpha=-group["lr"])
+                exp_avg.mul_(beta2).add_(p.grad, alpha=1 - beta2)
+
+
+O = torch.optim
+OPTIMIZERS: dict[str, list[Any]] = {
+    "Adagrad": [partial(O.Adagrad, lr=0.05, lr_decay=0.01, weight_decay=0.01,
+                        initial_accumulator_value=0.1),
+                partial(O.Adagrad, lr=0.05, maximize=True, foreach=True)],
+    "Adadelta": [partial(O.Adadelta, lr=1.0, rho=0.8, weight_decay=0.01),
+                 partial(O.Adadelta, maximize=True, capturable=False)],
+    "Adamax": [partial(O.Adamax, lr=0.01, betas=(0.8, 0.99), weight_decay=0.01),
+               partial(O.Adamax, lr=0.01, maximize=True)],
+    "RMSprop": [partial(O.RMSprop, lr=0.01, centered=True, momentum=0.9, weight_decay=0.01),
+                partial(O.RMSprop, lr=0.01, alpha=0.9, maximize=True)],
+    "Rprop": [partial(O.Rprop, lr=0.01, etas=(0.4, 1.3), step_sizes=(1e-5, 1.0)),
+              partial(O.Rprop, lr=0.01, maximize=True)],
+    "NAdam": [partial(O.NAdam, lr=0.01, decoupled_weight_decay=True, weight_decay=0.05,
+                      momentum_decay=0.003),
+              partial(O.NAdam, lr=0.01, maximize=True)],
+    "RAdam": [partial(O.RAdam, lr=0.01, decoupled_weight_decay=True, weight_decay=0.05),
+              partial(O.RAdam, lr=0.01, maximize=True)],
+    "ASGD": [partial(O.ASGD, lr=0.05, lambd=1e-3, alpha=0.7, t0=2, weight_decay=0.01),
+             partial(O.ASGD, lr=0.05, maximize=True)],
+    "Adafactor": [partial(O.Adafactor, lr=0.01, weight_decay=0.01),
+                  partial(O.Adafactor, lr=0.01, maximize=True, beta2_decay=-0.6)],
+    "Lion (unregistered)": [partial(Lion, lr=1e-3, weight_decay=0.1)],
+}
+
+
+def muon_and_adamw(model: DDP, scenario: Scenario) -> list[torch.optim.Optimizer]:
+    """The Muon recipe: Muon for 2-D weight matrices, AdamW for everything else."""
+    matrices = [p for n, p in model.module.named_parameters() if p.ndim == 2 and n.startswith("body")]
+    rest = [p for n, p in model.module.named_parameters() if not (p.ndim == 2 and n.startswith("body"))]
+    return [O.Muon(matrices, lr=0.02, momentum=0.9, nesterov=True, weight_decay=0.01),
+            O.AdamW(rest, lr=0.01)]
+
+
+def sgd_and_rmsprop_groups(model: DDP, scenario: Scenario) -> list[torch.optim.Optimizer]:
+    weights = [p for p in model.module.parameters() if p.ndim == 2]
+    biases = [p for p in model.module.parameters() if p.ndim == 1]
+    return [O.SGD([{"params": weights[:2], "lr": 0.02}, {"params": weights[2:]}], lr=0.05, momentum=0.9),
+            O.RMSprop(biases, lr=0.01)]
+
+
+def _run(world_size: int, scenarios: list[Scenario]) -> None:
+    for per_rank in run_distributed(parity_many, world_size, scenarios, timeout=240):
+        for r in per_rank:
+            check_moved(r)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_every_optimizer_matches_post_backward(name: str) -> None:
+    # Many buckets, every option set, and a state-dict swap with the plain torch optimizer
+    # half way, which proves the two state formats interchange both ways.
+    _run(2, [Scenario(f"{name}#{i}", make, swap_state_at=3, steps=5)
+             for i, make in enumerate(OPTIMIZERS[name])])
+
+
+SCENARIO_OPTIMIZERS = ["RMSprop", "NAdam", "Adafactor", "Lion (unregistered)"]
+
+
+@pytest.mark.parametrize("kind", ["world3", "no-sync", "groups-scheduler"])
+def test_optimizers_across_scenarios(kind: str) -> None:
+    options = {
+        "world3": dict(world_size=3),
+        "no-sync": dict(accumulate=2),
+        "groups-scheduler": dict(groups=True, scheduler=True),
+    }[kind]
+    # Centered RMSprop divides by a difference of running averages, which magnifies
+    # last-bit differences of the averaged gradients: float tolerance, a little wider.
+    scenarios = [Scenario(f"{n}/{kind}", OPTIMIZERS[n][0], steps=4, rtol=1e-4, atol=1e-5, **options)
+                 for n in SCENARIO_OPTIMIZERS]
+    _run(options.get("world_size", 2), scenarios)
+
+
+def test_several_optimizers_on_one_model() -> None:
+    _run(2, [
+        Scenario("muon+adamw", multi=muon_and_adamw, scheduler=True),
+        Scenario("sgd-groups+rmsprop", multi=sgd_and_rmsprop_groups, accumulate=2),
+    ])
+
+
+def test_bf16_autocast_matches_post_backward() -> None:
+    _run(2, [Scenario("bf16-autocast-adamw", partial(O.AdamW, lr=0.01), autocast=True),
+             Scenario("bf16-autocast-sgd", partial(O.SGD, lr=0.05, momentum=0.9), autocast=True)])
+
+
+def test_per_parameter_clipping_matches_manual_clipping() -> None:
+    # The reference clips each p.grad after backward, one parameter at a time, as documented.
+    _run(2, [
+        Scenario("clip-value", partial(O.SGD, lr=0.05, momentum=0.9), clip_value=0.01),
+        Scenario("clip-norm", partial(O.AdamW, lr=0.01), clip_norm=0.05),
+        Scenario("clip-both-unused", partial(O.SGD, lr=0.05, momentum=0.9), clip_value=0.02,
+                 clip_norm=0.05, net={"branch": True}, branch_rule="mixed",
+                 ddp={"find_unused_parameters": True}),
+    ])
+
+
+def _clipping_bites(rank: int, world_size: int) -> list[float]:
+    # Clipping must actually change the update, else the test above proves nothing.
+    norms = []
+    for clip in (None, 0.05):
+        torch.manual_seed(0)
+        model = DDP(Net(), bucket_cap_mb=0.002)
+        opt = overlap_sgd.overlap(model, O.SGD(model.parameters(), lr=0.1), clip_grad_norm=clip)
+        x, y = batch(0, rank)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        norms.append(max(float(p.grad.norm()) for p in model.parameters()))
+    return norms
+
+
+def test_clipping_changes_gradients() -> None:
+    for unclipped, clipped in run_distributed(_clipping_bites, 2):
+        assert unclipped > 0.05 + 1e-3
+        assert clipped <= 0.05 + 1e-5
+
+
+def test_clip_options_are_validated() -> None:
+    from overlap_sgd.hooks.clip import GradClip
+
+    with pytest.raises(ValueError, match="clip_grad_norm must be positive, got -1"):
+        GradClip(norm=-1)
+    with pytest.raises(TypeError, match="clip_grad_value must be a number"):
+        GradClip(value="big")
+
+
+def test_lbfgs_is_refused_with_the_reason() -> None:
+    with pytest.raises(TypeError, match="LBFGS cannot be overlapped: .*closure.*line search"):
+        overlap_sgd.resolve(O.LBFGS)
+
+
+def test_user_can_opt_an_optimizer_out() -> None:
+    class NeedsGlobalNorm(Lion):
+        pass
+
+    overlap_sgd.register_global(NeedsGlobalNorm, "it scales updates by the global gradient norm")
+    try:
+        with pytest.raises(TypeError, match="global gradient norm"):
+            overlap_sgd.resolve(NeedsGlobalNorm)
+        assert overlap_sgd.resolve(Lion).functional.__name__ == "FunctionalLion"
+    finally:
+        overlap_sgd.unregister(NeedsGlobalNorm)
+
+
+def test_every_listed_torch_optimizer_is_registered() -> None:
+    for cls in (O.Adagrad, O.Adadelta, O.Adamax, O.RMSprop, O.Rprop, O.NAdam, O.RAdam, O.ASGD,
+                O.Adafactor, O.Muon, O.SGD, O.Adam, O.AdamW):
+        entry = overlap_sgd.lookup(cls)
+        assert entry.functional.torch_optimizer is cls
+
+
+class _SparseNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 8, sparse=True)
+        self.lin = torch.nn.Linear(8, 4)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.lin(self.emb(idx).mean(1))
+
+
+def _sparse_adam_body(rank: int, world_size: int) -> list[bool]:
+    torch.manual_seed(0)
+    net = _SparseNet()
+    ref, ovl = DDP(_SparseNet()), DDP(net)
+    ref.module.load_state_dict(net.state_dict())
+
+    def opts(m: DDP) -> list[torch.optim.Optimizer]:
+        return [O.SparseAdam([m.module.emb.weight], lr=0.05), O.Adam([*m.module.lin.parameters()], lr=0.05)]
+
+    ref_opts = opts(ref)
+    ovl_opts = overlap_sgd.overlap(ovl, opts(ovl))
+    init = net.emb.weight.detach().clone()
+    for step in range(4):
+        g = torch.Generator().manual_seed(step * 10 + rank)
+        idx, y = torch.randint(0, 50, (6, 3), generator=g), torch.randn(6, 4, generator=g)
+        for m, os_ in ((ref, ref_opts), (ovl, ovl_opts)):
+            torch.nn.functional.mse_loss(m(idx), y).backward()
+            for o in os_:
+                o.step()
+                o.zero_grad()
+    for a, b in zip(ref.parameters(), ovl.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    return [not torch.equal(init, net.emb.weight)]
+
+
+def test_sparse_adam_on_sparse_gradient_buckets() -> None:
+    for moved in run_distributed(_sparse_adam_body, 2):
+        assert moved == [True]
