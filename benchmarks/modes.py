@@ -154,6 +154,17 @@ def _kernel_name(kernel: dict[str, Any]) -> str:
     return "default"
 
 
+def _default_kernel(params: list[Tensor]) -> str:
+    """What torch.optim picks with foreach=None, fused=None for these parameters."""
+    try:
+        from torch.optim.optimizer import _default_to_fused_or_foreach
+
+        _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
+    except (ImportError, TypeError):
+        return "default"
+    return "default (foreach)" if foreach else "default (for-loop)"
+
+
 def build_mode(name: str, ctx: ModeContext) -> Mode:
     """Build mode ``name`` (one of :data:`MODES`) from ``ctx``; see the module docs."""
     if name not in MODES:
@@ -183,13 +194,13 @@ def build_mode(name: str, ctx: ModeContext) -> Mode:
         ddp.register_comm_hook(link_state, link_hook)
     if name == "post":
         mode.optimizer = make_optimizer(ctx.optimizer, ddp.parameters())
-        mode.kernel = "default"
+        mode.kernel = _default_kernel(list(ddp.parameters()))
     elif name == "post-fused":
         mode.optimizer = make_optimizer(ctx.optimizer, ddp.parameters(), **ctx.fast_kernel)
         mode.kernel = _kernel_name(ctx.fast_kernel)
         mode.time_opt_alone = ctx.device.type == "cuda"
     else:
-        mode.kernel = "none"
+        mode.kernel = "no optimizer"
     return mode
 
 

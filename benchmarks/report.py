@@ -28,6 +28,10 @@ def _num(x: float | None, fmt: str = ".3f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def _load(x: list[float] | None) -> str:
+    return "-" if not x else "/".join(f"{v:.1f}" for v in x)
+
+
 def _mb(x: int | None) -> str:
     return "-" if x is None else f"{x / 2**20:.0f}"
 
@@ -38,7 +42,8 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [
         f"world {env.get('world_size')} x {env.get('threads_per_rank')} thread(s), "
         f"{env.get('backend')} on {env.get('device')}, torch {env.get('torch')}, "
-        f"{env.get('cpu_count')} CPUs"
+        f"{env.get('cpu_count')} CPUs, load average {_load(env.get('load_average_start'))} at start, "
+        f"{_load(env.get('load_average_end'))} at end"
     ]
     for run in result["runs"]:
         lines.append("")
@@ -89,13 +94,12 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def _mode_note(name: str, run: dict[str, Any], m: dict[str, Any]) -> str:
-    kernel = {"post": "default", "post-fused": run["post_fused_kernel"], "floor": "no optimizer",
-              "upstream": "per-param step in comm callback"}.get(name, "")
+    kernel = m.get("kernel", "")
     if name == "overlap":
         busy = m.get("update_busy", {}).get("median")
         wait = m.get("update_wait", {}).get("median")
         tail = m.get("tail", {}).get("median")
-        kernel = f"updates {_ms(busy)} ms, queued {_ms(wait)} ms, tail after last comm {_ms(tail)} ms"
+        kernel += f"; updates {_ms(busy)} ms, queued {_ms(wait)} ms, tail after last comm {_ms(tail)} ms"
     return kernel
 
 
@@ -163,14 +167,21 @@ def _plot_sweep(plt: Any, result: dict[str, Any], path: Path, key: str, xlabel: 
     if not series:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
+    lowest = 0.0
+    xs_all: set[float] = set()
     for name, pts in series.items():
         pts.sort()
+        xs_all.update(p[0] for p in pts)
+        lowest = min([lowest] + [v for p in pts for v in p[1:] if v is not None])
         xs = [p[0] for p in pts]
         nan = float("nan")
         ax.plot(xs, [nan if p[1] is None else p[1] for p in pts], marker="o", label=f"{name} vs post")
         ax.plot(xs, [nan if p[2] is None else p[2] for p in pts], marker="x", linestyle="--",
                 label=f"{name} vs post-fused")
     ax.set_xscale("log")
+    ax.set_xticks(sorted(xs_all), [f"{x:g}" for x in sorted(xs_all)])
+    ax.minorticks_off()
+    ax.set_ylim(max(lowest, -1.0) - 0.05, 1.05)  # points below -1 (overlap far slower) are clipped
     ax.set_xlabel(xlabel)
     ax.set_ylabel("hidden fraction (post - overlap) / (post - floor)")
     ax.axhline(1.0, color="gray", linewidth=0.8)

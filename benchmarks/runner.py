@@ -10,6 +10,7 @@ collected results; the other ranks return ``None``.
 from __future__ import annotations
 
 import gc
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -208,6 +209,7 @@ def run_config(cfg: RunConfig, opts: BenchOptions, rank: int, world: int, device
         "rank": rank,
         "records": {m.name: [asdict(s) for s in m.records] for m in active},
         "skipped": {m.name: m.skipped for m in modes.values() if not m.active},
+        "kernels": {m.name: m.kernel for m in active},
         "setup_mem": setup_mem,
         "block_mem": block_mem,
         "bandwidth": local_bw,
@@ -242,7 +244,8 @@ def _assemble(cfg: RunConfig, opts: BenchOptions, n_params: int, fast: dict[str,
         totals = step_max([[s["total"] for s in recs] for recs in per_rank])
         stats = summarize(totals)
         medians[name] = stats.get("median")  # type: ignore[assignment]
-        entry: dict[str, Any] = {"status": "ok", "step": stats, "step_times": totals}
+        entry: dict[str, Any] = {"status": "ok", "kernel": first["kernels"][name], "step": stats,
+                                 "step_times": totals}
         for part in ("backward", "opt_step", "update_busy", "update_wait", "tail"):
             values = [s[part] for recs in per_rank for s in recs if s[part] is not None]
             if values:
@@ -311,6 +314,11 @@ def run_rank(rank: int, world: int, opts: BenchOptions) -> dict[str, Any] | None
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     log = _Log(opts.verbose and rank == 0)
+    load_start = _loadavg()
+    cpus = _cpu_count() or 1
+    if load_start and load_start[0] > 0.5 * cpus and rank == 0:
+        log(f"note: load average {load_start[0]:.2f} on {cpus} CPUs before starting; other work "
+            "on the machine shows up as noise in every mode")
     runs = []
     todo = configs(opts)
     for i, cfg in enumerate(todo):
@@ -332,14 +340,22 @@ def run_rank(rank: int, world: int, opts: BenchOptions) -> dict[str, Any] | None
             "cpu_count": _cpu_count(),
             "threads_per_rank": opts.threads,
             "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "load_average_start": load_start,
+            "load_average_end": _loadavg(),
         },
         "runs": runs,
     }
 
 
-def _cpu_count() -> int | None:
-    import os
+def _loadavg() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages, where the OS reports them."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
+
+def _cpu_count() -> int | None:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:

@@ -61,19 +61,26 @@ parser.add_argument("--crash-at-step", type=int, default=None, help="fault injec
 args = parser.parse_args()
 
 # -----------------------------------------------------------------------------------------------
-# 1. Process group and device. torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, and counts restarts
-#    of the whole job in TORCHELASTIC_RESTART_COUNT.
+# 1. Process group and device. torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT, and
+#    counts restarts of the job in TORCHELASTIC_RESTART_COUNT. It also keeps one key-value store
+#    alive across restarts (TORCHELASTIC_USE_AGENT_STORE), where the keys of the previous attempt
+#    (such as the addresses of ranks that no longer exist) would be read as current ones: each
+#    attempt gets its own key prefix.
 use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+backend, device = "gloo", torch.device("cpu")
 if use_cuda:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch.cuda.set_device(local_rank)
-    device = torch.device("cuda", local_rank)
-    dist.init_process_group("nccl", device_id=device)
+    backend, device = "nccl", torch.device("cuda", local_rank)
+if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False)
+    store = dist.PrefixStore(f"train_ddp/attempt_{attempt}", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, device_id=device if use_cuda else None)
 else:
-    device = torch.device("cpu")
-    dist.init_process_group("gloo")
+    dist.init_process_group(backend, device_id=device if use_cuda else None)
 rank, world_size = dist.get_rank(), dist.get_world_size()
-attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 master = rank == 0
 
 

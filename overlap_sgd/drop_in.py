@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
-from .hooks import Executor, OverlapHookState
+from .hooks import Executor, OverlapHookState, make_executor
 from .hooks.clip import GradClip
 from .optimizer import OverlappedOptimizer
 from .registry import resolve
@@ -129,6 +129,9 @@ def overlap(
         )
 
     trainable = trainable_parameters(ddp_model)
+    if not trainable:
+        raise ValueError("the DDP model has no trainable parameters to overlap")
+    executor = make_executor(executor, next(iter(trainable.values())).device)
     names = {id(p): n for n, p in trainable.items()}
     _check_ownership(ddp_model, optimizers, names, several=not single)
     registrations = [resolve(type(opt)) for opt in optimizers]

@@ -109,7 +109,8 @@ def register(
             if optimizer in _REGISTRY:
                 raise ValueError(
                     f"{optimizer.__qualname__} is already registered "
-                    f"(to {_REGISTRY[optimizer].functional.__qualname__}); unregister it first"
+                    f"(to {getattr(_REGISTRY[optimizer].functional, '__qualname__', 'cannot be overlapped')}); "
+                    "unregister it first"
                 )
             _REGISTRY[optimizer] = Registration(optimizer, cls, hook_factory)
         return cls

@@ -72,8 +72,12 @@ def run_distributed(
     *args: Any,
     timeout: float = 90.0,
     pg_timeout: float = 60.0,
+    may_die: tuple[int, ...] = (),
 ) -> list[Any]:
-    """Run ``body(rank, world_size, *args)`` on ``world_size`` gloo ranks; see the module docs."""
+    """Run ``body(rank, world_size, *args)`` on ``world_size`` gloo ranks; see the module docs.
+
+    Ranks in ``may_die`` are allowed to end without reporting (their result is ``None``).
+    """
     port = free_port()
     results = _CTX.Queue()
     procs = [
@@ -98,8 +102,11 @@ def run_distributed(
             except Exception:  # queue.Empty: check for ranks that died without reporting
                 dead = [
                     i for i, p in enumerate(procs)
-                    if p.exitcode not in (None, 0) and i not in outcomes
+                    if p.exitcode not in (None, 0) and i not in outcomes and i not in may_die
                 ]
+                for i in may_die:
+                    if procs[i].exitcode is not None and i not in outcomes:
+                        outcomes[i] = (True, None)
                 if dead:
                     # Give the queue a moment: a failing rank reports before it exits.
                     time.sleep(0.2)

@@ -34,8 +34,13 @@ def torchrun(*args: str, cwd: Path, restarts: int = 0, timeout: float = 100) -> 
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers
-        out, _ = proc.communicate()
+        # On SIGTERM torchrun stops its workers (they run in sessions of their own) and exits.
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out = "(no output: torchrun did not stop on SIGTERM)"
         pytest.fail(f"torchrun did not finish within {timeout} s:\n{out[-6000:]}")
     assert proc.returncode == 0, f"torchrun exited with {proc.returncode}:\n{out[-6000:]}"
     return out

@@ -22,7 +22,7 @@ import overlap_sgd
 from overlap_sgd import FunctionalSGD, NonFiniteGradientError, register_global, unregister
 
 from .distributed import run_distributed
-from .models import Net, batch, twin
+from .models import Net, batch
 
 # -- models and helpers (run inside the ranks) -------------------------------------------------
 
@@ -97,8 +97,16 @@ def attempt(params: list[torch.Tensor], call: Callable[[], Any], **checks: Calla
     return {
         "error": error,
         "unchanged": all(same(b, p.detach()) for b, p in zip(before, params)),
-        "checks": {name: bool(check()) for name, check in checks.items()},
+        "checks": {name: passes(check) for name, check in checks.items()},
     }
+
+
+def passes(check: Callable[[], bool]) -> bool | str:
+    """``check()``, or the error it raised (which counts as a failure)."""
+    try:
+        return bool(check())
+    except Exception as exc:  # noqa: BLE001
+        return f"{type(exc).__name__}: {exc}"
 
 
 def retry_works(model: DistributedDataParallel) -> bool:
@@ -458,15 +466,15 @@ def test_misuse(row: Row, outcomes: list[dict[str, dict]]) -> None:
         r = results[row.name]
         where = f"rank {rank}, {row.name}"
         assert "setup_error" not in r, f"{where}: {r.get('setup_error')}"
-        if row.error is not None:
-            assert r["unchanged"], f"{where}: a parameter changed"
-        failed = [name for name, ok in r["checks"].items() if not ok]
-        assert not failed, f"{where}: failed checks {failed}"
+        failed = {name: ok for name, ok in r["checks"].items() if ok is not True}
         if row.error is None:
             assert r["error"] is None, f"{where}: unexpected {r['error']}"
+            assert not failed, f"{where}: failed checks {failed}"
             continue
+        assert r["unchanged"], f"{where}: a parameter changed"
         assert r["error"] is not None, f"{where}: no error raised, expected {row.error.__name__}"
         etype, message = r["error"]
         for fragment in row.fragments:
             assert fragment in message, f"{where}: {fragment!r} not in {message!r}"
+        assert not failed, f"{where}: failed checks {failed}"
         assert issubclass(etype, row.error), f"{where}: {etype.__name__} raised, expected {row.error.__name__}"

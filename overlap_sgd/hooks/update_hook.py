@@ -120,9 +120,10 @@ class OverlapHookState:
         self.syncs = 0
         #: Count of bucket plans built (DDP's bucket rebuild after iteration one adds some).
         self.plans_built = 0
-        #: The last exception a bucket update raised. DDP re-raises it from ``backward()`` as a
-        #: RuntimeError carrying its message; this keeps the original object.
+        #: The last exception a bucket update raised (also raised from ``backward()``).
         self.last_error: Optional[Exception] = None
+        self.pending_error: Optional[Exception] = None
+        self._inflight: list[torch.futures.Future] = []
         #: The OverlappedOptimizers built on this state, in order (set by ``overlap()``).
         self.wrapped: list[Any] = []
 
@@ -195,6 +196,42 @@ class OverlapHookState:
         self.awaiting_step = [True] * len(self.optimizers)
         self.syncs += 1
 
+    def record_error(self, exc: Exception) -> None:
+        """Keep the first error of this backward pass (a bucket update failed)."""
+        with self._lock:
+            if self.pending_error is None:
+                self.pending_error = exc
+            self.last_error = exc
+
+    def raise_errors_after_backward(self) -> None:
+        """Queue the check that raises a bucket update's error at the end of ``backward()``.
+
+        Called from the comm hook at a backward's first bucket, on the autograd thread. The
+        callback first waits for every bucket future of this backward (they complete after
+        their update), so no update is still running when it looks for errors.
+        """
+        self._inflight = []
+        torch.autograd.Variable._execution_engine.queue_callback(self._after_backward)
+
+    def track(self, future: torch.futures.Future) -> torch.futures.Future:
+        self._inflight.append(future)
+        return future
+
+    def _after_backward(self) -> None:
+        futures, self._inflight = self._inflight, []
+        for f in futures:
+            f.wait()
+        # Raise from a callback queued now, which runs after DDP's own end-of-backward
+        # callback: raising before it would leave DDP's reducer half-finalised.
+        torch.autograd.Variable._execution_engine.queue_callback(self._raise_pending)
+
+    def _raise_pending(self) -> None:
+        exc, self.pending_error = self.pending_error, None
+        if exc is not None:
+            # The loop will not reach step() for this backward: do not demand one.
+            self.awaiting_step = [False] * len(self.optimizers)
+            raise exc
+
     def acknowledge_step(self, optimizer_index: int) -> None:
         self.awaiting_step[optimizer_index] = False
 
@@ -210,6 +247,7 @@ def overlap_hook(state: OverlapHookState, bucket: dist.GradBucket) -> torch.futu
     plan = state.plan_for(bucket)
     if bucket.index() == 0:
         state.begin_sync()
+        state.raise_errors_after_backward()
     comm = state.comm_hook(state.comm_state, bucket)
     used = None
     if state.used is not None:
@@ -224,10 +262,11 @@ def overlap_hook(state: OverlapHookState, bucket: dist.GradBucket) -> torch.futu
                     raise NonFiniteGradientError(bad, plan.index)
             plan.run(result, flags, clip)
         except Exception as exc:
-            state.last_error = exc
-            raise
+            # Kept, not raised here: the bucket's future still completes, so DDP finishes the
+            # backward pass cleanly, and the error is raised with its own type at its end.
+            state.record_error(exc)
 
-    return state.executor(plan.device).after(comm, used, update)
+    return state.track(state.executor(plan.device).after(comm, used, update))
 
 
 def make_overlap_hook(

@@ -1,0 +1,132 @@
+"""Reliability: no hangs when a peer dies or stalls, errors in an update surface from
+``backward()``, and drift between ranks is detected and named."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import overlap_sgd
+from tests.distributed import run_distributed
+from tests.models import Net, batch
+
+
+def _train_step(model: DDP, opt: torch.optim.Optimizer, step: int, rank: int) -> None:
+    x, y = batch(step, rank)
+    F.mse_loss(model(x), y).backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def _peer_fails(rank: int, world_size: int, how: str) -> dict | None:
+    torch.manual_seed(0)
+    model = DDP(Net(), bucket_cap_mb=0.002)
+    opt = overlap_sgd.overlap(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    _train_step(model, opt, 0, rank)  # one healthy step first
+    if rank == 1:
+        if how == "dies":
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(10)  # stalls well past the process group's 4 s timeout
+        return None
+    start = time.monotonic()
+    try:
+        _train_step(model, opt, 1, rank)
+    except Exception as exc:  # the surviving rank must fail, not hang
+        return {"error": f"{type(exc).__name__}: {exc}", "seconds": time.monotonic() - start}
+    return {"error": None, "seconds": time.monotonic() - start}
+
+
+@pytest.mark.parametrize("how", ["dies", "stalls"])
+def test_surviving_rank_fails_within_the_timeout(how: str) -> None:
+    # Process group timeout 4 s: the survivor's backward must raise well within the harness
+    # limit rather than wait forever on the missing peer.
+    results = run_distributed(_peer_fails, 2, how, timeout=40, pg_timeout=4, may_die=(1,))
+    survivor = results[0]
+    assert survivor["error"] is not None, "backward() returned although the peer was gone"
+    assert survivor["seconds"] < 20, survivor
+    if how == "stalls":
+        assert "timed out" in survivor["error"].lower() or "timeout" in survivor["error"].lower()
+
+
+def _update_error_surfaces(rank: int, world_size: int, executor: str) -> dict:
+    torch.manual_seed(0)
+    model = DDP(Net(), bucket_cap_mb=0.002)
+    opt = overlap_sgd.overlap(model, torch.optim.Adam(model.parameters(), lr=0.1),
+                              check_finite=True, executor=executor)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = batch(0, rank)
+    if rank == 0:
+        x[0, 0] = float("nan")  # poisons every gradient, on every rank after the all-reduce
+    with pytest.raises(overlap_sgd.NonFiniteGradientError) as info:
+        F.mse_loss(model(x), y).backward()
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    result = {"message": str(info.value), "unchanged": unchanged, "state_empty": len(opt.state) == 0}
+    # The pass that raised left DDP in a clean state: the next iteration trains normally.
+    opt.zero_grad()
+    x, y = batch(1, rank)
+    F.mse_loss(model(x), y).backward()
+    opt.step()
+    result["recovered"] = not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    return result
+
+
+@pytest.mark.parametrize("executor", ["thread", "inline"])
+def test_exception_in_update_reaches_backward(executor: str) -> None:
+    for r in run_distributed(_update_error_surfaces, 2, executor, timeout=60):
+        assert re.search(r"non-finite gradient in bucket \d+ for '(inp|body|head)\.", r["message"])
+        assert "left untouched" in r["message"]
+        assert r["unchanged"] and r["state_empty"]
+        assert r["recovered"]
+
+
+def _drift(rank: int, world_size: int, what: str) -> str:
+    torch.manual_seed(0)
+    model = DDP(Net(), bucket_cap_mb=0.002)
+    opt = overlap_sgd.overlap(model, torch.optim.AdamW(model.parameters(), lr=0.01))
+    for step in range(3):
+        _train_step(model, opt, step, rank)
+    overlap_sgd.check_consistency(model)  # healthy: passes on every rank
+    if rank == 1:
+        with torch.no_grad():
+            if what == "parameter":
+                model.module.body[1].bias[3] += 1e-7
+            else:
+                opt.state[model.module.head.weight]["exp_avg_sq"][0, 0] *= 1.0000001
+    with pytest.raises(overlap_sgd.ConsistencyError) as info:
+        overlap_sgd.check_consistency(model)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("what", ["parameter", "state"])
+def test_drift_is_detected_and_named(what: str) -> None:
+    expected = "parameter 'body.1.bias'" if what == "parameter" else "state['head.weight']['exp_avg_sq']"
+    for message in run_distributed(_drift, 2, what):
+        assert expected in message and "ranks [1]" in message, message
+
+
+def _periodic_check(rank: int, world_size: int) -> int:
+    torch.manual_seed(0)
+    model = DDP(Net(), bucket_cap_mb=0.002)
+    opt = overlap_sgd.overlap(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                              check_consistency_every=3)
+    for step in range(2):
+        _train_step(model, opt, step, rank)
+    if rank == 0:
+        with torch.no_grad():
+            model.module.head.bias[0] += 1.0
+    x, y = batch(2, rank)
+    F.mse_loss(model(x), y).backward()
+    with pytest.raises(overlap_sgd.ConsistencyError, match="head.bias"):
+        opt.step()  # the third step runs the check
+    return 0
+
+
+def test_periodic_consistency_check_fires() -> None:
+    run_distributed(_periodic_check, 2)
