@@ -224,7 +224,7 @@ def _build_upstream(mode: Mode, ctx: ModeContext) -> Mode:
         mode.skipped = f"_register_fused_optim failed: {exc}"
         return mode
     mode.model = ddp
-    mode.kernel = "per-param"
+    mode.kernel = "per-param step in the comm callback"
     return mode
 
 
@@ -232,38 +232,39 @@ def pick_fast_kernel(
     optimizer: str,
     params: list[Tensor],
     device: torch.device,
-    repeats: int = 3,
+    repeats: int = 5,
     sync: Callable[[], None] = lambda: None,
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """The faster post-backward kernel of ``fused=True`` (where supported) and ``foreach=True``.
 
-    Times ``optimizer.step()`` on copies of ``params`` with random gradients. Returns the
-    winning kernel options and the median seconds of each candidate. Every rank must call it;
-    rank 0's choice is broadcast so that all ranks agree.
+    Times ``optimizer.step()`` on copies of ``params`` with random gradients, alternating the
+    candidates and keeping each one's fastest repeat, so that a burst of other work on the
+    machine does not decide. Returns the winning kernel options and the seconds of each
+    candidate. Every rank must call it; rank 0's choice is broadcast so that all ranks agree.
     """
-    timings: dict[str, float] = {}
-    candidates: list[tuple[str, dict[str, Any]]] = [("fused", {"fused": True}), ("foreach", {"foreach": True})]
-    for label, kernel in candidates:
-        copies = [p.detach().clone().to(device).requires_grad_(True) for p in params]
-        for c in copies:
-            c.grad = torch.randn_like(c) * 1e-3
+    candidates: dict[str, dict[str, Any]] = {"fused": {"fused": True}, "foreach": {"foreach": True}}
+    copies = [p.detach().clone().to(device).requires_grad_(True) for p in params]
+    for c in copies:
+        c.grad = torch.randn_like(c) * 1e-3
+    optimizers: dict[str, torch.optim.Optimizer] = {}
+    for label, kernel in candidates.items():
         try:
             opt = make_optimizer(optimizer, copies, **kernel)
             opt.step()
         except (RuntimeError, ValueError, TypeError):
             continue  # no fused kernel for this optimizer on this device
-        sync()
-        times = []
-        for _ in range(repeats):
+        optimizers[label] = opt
+    sync()
+    timings = {label: float("inf") for label in optimizers}
+    for _ in range(repeats):
+        for label, opt in optimizers.items():
             t0 = time.perf_counter()
             opt.step()
             sync()
-            times.append(time.perf_counter() - t0)
-        timings[label] = sorted(times)[len(times) // 2]
-        del opt, copies
+            timings[label] = min(timings[label], time.perf_counter() - t0)
     best = min(timings, key=timings.__getitem__)
     if dist.is_initialized():
         choice = [best]
         dist.broadcast_object_list(choice, src=0)
         best = choice[0]
-    return dict(candidates)[best], timings
+    return candidates[best], timings

@@ -74,10 +74,10 @@ if use_cuda:
     torch.cuda.set_device(local_rank)
     backend, device = "nccl", torch.device("cuda", local_rank)
 if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    world_size = int(os.environ["WORLD_SIZE"])
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False)
     store = dist.PrefixStore(f"train_ddp/attempt_{attempt}", store)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, device_id=device if use_cuda else None)
+    dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]), world_size=world_size, device_id=device if use_cuda else None)
 else:
     dist.init_process_group(backend, device_id=device if use_cuda else None)
 rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -162,9 +162,9 @@ log(f"training: mode {args.mode} | optimizer {args.optimizer} | {world_size} ran
 
 
 def save(step):
-    global saved_at
+    """Every rank calls it; rank 0 writes atomically while the others wait (see overlap_sgd.checkpoint)."""
     save_checkpoint(checkpoint_path(args.checkpoint_dir, step), checkpoint_state(model, optimizer, scheduler, step=step))
-    saved_at = step
+    return step
 
 
 times, loss, saved_at = [], None, first_step
@@ -191,11 +191,11 @@ while step < args.steps:
         dist.all_reduce(mean_loss)
         log(f"step {step:5d} | loss {mean_loss.item() / world_size:.6f} | lr {scheduler.get_last_lr()[0]:.2e} | {times[-1] * 1e3:7.2f} ms")
     if args.checkpoint_dir and args.checkpoint_every and step % args.checkpoint_every == 0:
-        save(step)
+        saved_at = save(step)
 
 # 6. Wrap up: a last checkpoint (so that a rerun resumes at the end), the final state, a summary.
 if args.checkpoint_dir and saved_at != step:
-    save(step)
+    saved_at = save(step)
 if args.save_final:
     save_checkpoint(args.save_final, {"model": model.module.state_dict(), "optimizer": optimizer.state_dict(), "step": step})
 if loss is None:

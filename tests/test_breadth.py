@@ -232,3 +232,22 @@ def _sparse_adam_body(rank: int, world_size: int) -> list[bool]:
 def test_sparse_adam_on_sparse_gradient_buckets() -> None:
     for moved in run_distributed(_sparse_adam_body, 2):
         assert moved == [True]
+
+
+def _grad_scaler_refused(rank: int, world_size: int) -> str:
+    torch.manual_seed(0)
+    model = DDP(Net(), bucket_cap_mb=0.002)
+    opt = overlap_sgd.overlap(model, O.SGD(model.parameters(), lr=0.1))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x, y = batch(0, rank)
+    scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
+    with pytest.raises(RuntimeError) as info:
+        scaler.step(opt)
+    return str(info.value)
+
+
+def test_grad_scaler_is_refused_pointing_to_bf16() -> None:
+    # Loss scaling cannot be honoured (each bucket is updated before the scaler can unscale
+    # it), so the first scaler.step() fails loudly instead of training on scaled gradients.
+    for message in run_distributed(_grad_scaler_refused, 2):
+        assert "GradScaler" in message and "bf16" in message

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim.adam import adam
 
-from .base import FunctionalOptimizer, KernelChoice, new_step
+from .base import FunctionalOptimizer, KernelChoice, fused_supported, new_step
 
 __all__ = ["FunctionalAdam", "FunctionalAdamW"]
 
@@ -101,7 +101,15 @@ class FunctionalAdam(FunctionalOptimizer):
         cache: dict[str, Any],
     ) -> None:
         steps, exp_avgs, exp_avg_sqs, max_sqs, has_complex = self._state_lists(group, params, cache)
-        kernel = KernelChoice.for_group(group, sparse=False)
+        fused_ok = cache.get("fused_ok")
+        if fused_ok is None:
+            # Only on CPU does the fused kernel share torch's default state layout (a CPU
+            # float32 step counter); elsewhere it would need the step on the device.
+            fused_ok = cache["fused_ok"] = (
+                cache.get("fast", False) and not has_complex and fused_supported(params, ("cpu",))
+                and all(s.device.type == "cpu" and s.dtype == torch.float32 for s in steps)
+            )
+        kernel = KernelChoice.for_group(group, sparse=False, fused_ok=fused_ok)
         beta1, beta2 = group["betas"]
         adam(
             params,

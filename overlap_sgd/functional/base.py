@@ -37,9 +37,11 @@ __all__ = ["FunctionalOptimizer", "KernelChoice"]
 class KernelChoice:
     """Which torch kernel family a group's update uses: ``"fused"``, ``"foreach"`` or ``"single"``.
 
-    ``fused=True`` in the group selects the fused kernel and ``foreach=False`` the single-tensor
-    loop, as the user asked. Left unset (``None``), a bucket update uses the multi-tensor kernel,
-    so each bucket costs one kernel call per group rather than one per parameter.
+    An explicit choice in the group wins: ``fused=True`` selects the fused kernel,
+    ``foreach=True`` the multi-tensor one and ``foreach=False`` the single-tensor loop. Left
+    unset (``None``, torch's default), the DDP bucket update uses the fused kernel where the
+    optimizer allows it without changing its state layout (``fused_ok``), and otherwise the
+    multi-tensor kernel: one kernel call per bucket and group, never one per parameter.
     """
 
     FUSED = "fused"
@@ -47,17 +49,26 @@ class KernelChoice:
     SINGLE = "single"
 
     @staticmethod
-    def for_group(group: dict[str, Any], sparse: bool) -> str:
+    def for_group(group: dict[str, Any], sparse: bool, fused_ok: bool = False) -> str:
         if sparse:
             return KernelChoice.SINGLE
         if group.get("fused"):
             return KernelChoice.FUSED
-        if group.get("foreach") is False:
+        foreach = group.get("foreach")
+        if foreach is False:
             return KernelChoice.SINGLE
         # The multi-tensor kernels take a tensor lr only when capturable.
-        if isinstance(group.get("lr"), Tensor) and not group.get("capturable", False):
+        tensor_lr = isinstance(group.get("lr"), Tensor) and not group.get("capturable", False)
+        if foreach is None and group.get("fused") is None and fused_ok and not tensor_lr:
+            return KernelChoice.FUSED
+        if tensor_lr:
             return KernelChoice.SINGLE
         return KernelChoice.FOREACH
+
+
+def fused_supported(params: list[Tensor], devices: tuple[str, ...]) -> bool:
+    """Whether torch's fused kernels can update ``params`` (floating point, on ``devices``)."""
+    return all(p.device.type in devices and torch.is_floating_point(p) for p in params)
 
 
 class FunctionalOptimizer:
@@ -247,7 +258,10 @@ class FunctionalOptimizer:
 
         ``cache`` is a dict owned by the caller and reused across calls with the same
         parameter list (the DDP hook keeps one per bucket); the update keeps the resolved
-        state lists in it. No validation happens here: this is the hot path.
+        state lists in it. ``cache["fast"] = True`` lets an update whose group leaves the
+        kernel to torch (``foreach=None, fused=None``) pick the fused kernel where it keeps
+        the state layout; results then match torch's default kernel within float rounding
+        rather than bit for bit. No validation happens here: this is the hot path.
         """
         group = self._holder.param_groups[group_index]
         with torch.no_grad():

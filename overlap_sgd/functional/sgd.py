@@ -9,9 +9,12 @@ import torch
 from torch import Tensor
 from torch.optim.sgd import sgd
 
-from .base import FunctionalOptimizer, KernelChoice
+from .base import FunctionalOptimizer, KernelChoice, fused_supported
 
 __all__ = ["FunctionalSGD"]
+
+# Where torch's fused SGD runs; torch.optim.SGD keeps the same state layout either way.
+_FUSED_DEVICES = ("cpu", "cuda", "mps", "xpu")
 
 
 class FunctionalSGD(FunctionalOptimizer):
@@ -69,7 +72,8 @@ class FunctionalSGD(FunctionalOptimizer):
         sparse = cache.get("sparse")
         if sparse is None:
             sparse = cache["sparse"] = any(g.is_sparse for g in grads)
-        kernel = KernelChoice.for_group(group, sparse)
+            cache["fused_ok"] = cache.get("fast", False) and fused_supported(params, _FUSED_DEVICES)
+        kernel = KernelChoice.for_group(group, sparse, cache["fused_ok"])
         bufs: list[Tensor | None] = []
         fresh = False
         if momentum != 0:
@@ -79,6 +83,13 @@ class FunctionalSGD(FunctionalOptimizer):
                 state = self.state
                 bufs = [state[p].get("momentum_buffer") for p in params]
                 fresh = True
+                if kernel == KernelChoice.FUSED and None in bufs and any(b is not None for b in bufs):
+                    # The fused kernel creates buffers for all parameters or for none: step
+                    # the two kinds separately (a parameter unused so far has none yet).
+                    for keep_new in (False, True):
+                        idx = [i for i, b in enumerate(bufs) if (b is None) == keep_new]
+                        self._update(group, [params[i] for i in idx], [grads[i] for i in idx], {})
+                    return
         sgd(
             params,
             grads,

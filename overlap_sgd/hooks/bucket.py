@@ -36,7 +36,7 @@ class Segment:
     group_index: int
     positions: list[int]
     params: list[Tensor]
-    cache: dict[str, Any] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=lambda: {"fast": True})
     grads: list[Tensor] | None = None
 
 
