@@ -3,7 +3,9 @@
 An element-wise optimizer step is memory bound: it reads every parameter, gradient and state
 tensor once and writes the parameter and state back. :func:`step_traffic` counts those bytes;
 :func:`triad` measures what the machine sustains for ``a = b + s * c`` over tensors of the same
-total footprint, so the two GB/s figures can be put side by side.
+total footprint, so the two GB/s figures can be put side by side. Triad bytes follow the STREAM
+convention (two reads, one write; the cache-line fill before writing ``a`` is not counted), so an
+optimizer step, whose writes go to lines it has just read, can report a little above triad.
 
 Example:
     >>> import torch
@@ -49,7 +51,7 @@ def step_traffic(optimizer: torch.optim.Optimizer) -> dict[str, int]:
 def triad(
     footprint_bytes: int,
     device: torch.device,
-    repeats: int = 5,
+    repeats: int = 10,
     sync: Callable[[], None] = lambda: None,
 ) -> dict[str, float]:
     """Sustained bandwidth of ``a = b + s * c`` over three float32 tensors of ``footprint_bytes`` in all.

@@ -12,7 +12,7 @@ executor the bucket index that goes with each communication future.
 # No "from __future__ import annotations": DDP checks a comm hook's annotations at runtime.
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch

@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seq-len", type=int, default=d.seq_len, help="transformer sequence length (default 16)")
     g.add_argument("--batch", type=int, default=d.batch, help="batch size per rank (default 32)")
     g = p.add_argument_group("communication")
-    g.add_argument("--bucket-cap-mb", type=float, default=d.bucket_cap_mb, help="DDP bucket_cap_mb (default 25)")
+    g.add_argument("--bucket-cap-mb", type=float, default=d.bucket_cap_mb,
+                   help="DDP bucket_cap_mb (default 25)")
     g.add_argument("--link-gbps", type=float, default=None,
                    help="simulate a link of this many Gbit/s (default: none, plain loopback)")
     g.add_argument("--sweep-link", type=_floats, default=[], metavar="G1,G2,..",
@@ -95,16 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--modes", type=_names(MODES), default=list(MODES),
                    help=f"modes to run (default {','.join(MODES)})")
     g.add_argument("--rounds", type=int, default=d.rounds, help="round-robin rounds (default 5)")
-    g.add_argument("--steps-per-round", type=int, default=d.steps_per_round, help="steps per mode per round (default 5)")
+    g.add_argument("--steps-per-round", type=int, default=d.steps_per_round,
+                   help="steps per mode per round (default 5)")
     g.add_argument("--warmup", type=int, default=d.warmup, help="warm-up steps per mode (default 3)")
-    g.add_argument("--overlap-kernel", default=d.overlap_kernel, choices=["auto", "fused", "foreach", "default"],
+    g.add_argument("--overlap-kernel", default=d.overlap_kernel,
+                   choices=["auto", "fused", "foreach", "default"],
                    help="overlap's optimizer kernel: auto = post-fused's pick; default = the optimizer's "
                         "defaults, i.e. foreach bucket updates (default auto)")
     g.add_argument("--seed", type=int, default=d.seed)
     g = p.add_argument_group("output")
     g.add_argument("--out", default="bench-out", help="output directory (default bench-out/)")
     g.add_argument("--trace", default=None, metavar="PATH",
-                   help="write a Chrome trace of a few overlap steps, buckets labelled (rank 0)")
+                   help="write a Chrome trace of a few overlap steps of the first configuration, "
+                        "each bucket's comm and update labelled (rank 0's view)")
     g.add_argument("--trace-steps", type=int, default=d.trace_steps, help="steps in the trace (default 3)")
     g.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
     g.add_argument("--quiet", action="store_true", help="no progress lines")

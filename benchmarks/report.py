@@ -83,7 +83,8 @@ def format_table(result: dict[str, Any]) -> str:
             lines.append(
                 f"optimizer step ({run['post_fused_kernel']}, {bw['moved_bytes'] / 1e6:.0f} MB moved): "
                 f"{_ms(bw.get('post_fused_step_s'))} ms, {_num(step, '.1f')} GB/s{share}; "
-                f"triad {_num(triad, '.1f')} GB/s (best {_num(bw.get('triad_best_gbs'), '.1f')}); "
+                f"triad {_num(triad, '.1f')} GB/s (best {_num(bw.get('triad_best_gbs'), '.1f')}, "
+                f"{_num(bw.get('triad_write_allocate_gbs'), '.1f')} counting write-allocate); "
                 f"overlap bucket updates {_num(bw.get('overlap_update_gbs'), '.1f')} GB/s "
                 f"({_ms(bw.get('overlap_update_busy_s'))} ms busy)"
             )
@@ -135,7 +136,7 @@ def plot(result: dict[str, Any], out_dir: str | Path) -> list[Path]:
 def _plot_steps(plt: Any, result: dict[str, Any], path: Path) -> Path:
     runs = result["runs"]
     fig, axes = plt.subplots(len(runs), 1, figsize=(8, 2.6 * len(runs) + 0.6), squeeze=False)
-    for ax, run in zip(axes[:, 0], runs):
+    for ax, run in zip(axes[:, 0], runs, strict=True):
         names, med, lo, hi = [], [], [], []
         for name, m in run["modes"].items():
             if m["status"] != "ok":
@@ -163,7 +164,8 @@ def _plot_sweep(plt: Any, result: dict[str, Any], path: Path, key: str, xlabel: 
             continue
         c = run["comparison"]
         name = f"{run['workload']['kind']} / {run['optimizer']}"
-        series.setdefault(name, []).append((run[key], c.get("hidden_fraction"), c.get("hidden_fraction_vs_fused")))
+        point = (run[key], c.get("hidden_fraction"), c.get("hidden_fraction_vs_fused"))
+        series.setdefault(name, []).append(point)
     if not series:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -25,7 +25,8 @@ def _profiler(device: torch.device) -> profile:
         # The updates run on overlap-sgd's worker thread: record every thread, not just this one.
         from torch.profiler import _ExperimentalConfig
 
-        return profile(activities=activities, experimental_config=_ExperimentalConfig(profile_all_threads=True))
+        config = _ExperimentalConfig(profile_all_threads=True)
+        return profile(activities=activities, experimental_config=config)
     except (ImportError, TypeError):
         return profile(activities=activities)
 

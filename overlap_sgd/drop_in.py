@@ -155,6 +155,7 @@ def overlap(
         executor=executor,
         check_finite=check_finite,
         clip=clip,
+        require_step=True,
     )
     ddp_model.register_comm_hook(state, hook)
     setattr(ddp_model, _ATTR, state)

@@ -216,7 +216,7 @@ def test_command_line_writes_report_and_trace(tmp_path):
     assert loopback["link_gbps"] is None and linked["link_gbps"] == 50.0
     for run in (loopback, linked):
         assert list(run["modes"]) == list(MODES)
-        for name, m in run["modes"].items():
+        for m in run["modes"].values():
             if m["status"] == "skipped":
                 continue
             assert m["step"]["n"] == 4 and len(m["step_times"]) == 4

@@ -54,6 +54,14 @@ class Executor:
     def after(self, comm: Future, used: Future | None, update: Update) -> Future:
         raise NotImplementedError
 
+    def hold(self) -> None:
+        """Backward's gradient computation has started: updates may be held back until
+        :meth:`release`, so that they do not take CPU time from the computation that the
+        remaining buckets' communication is waiting for. A no-op unless overridden."""
+
+    def release(self) -> None:
+        """Backward has produced every bucket: held updates may run now."""
+
     def close(self) -> None:
         """Release the executor's resources (threads); pending updates still finish."""
 
@@ -85,13 +93,26 @@ class InlineExecutor(Executor):
 
 
 class ThreadExecutor(Executor):
-    """Update on one dedicated daemon thread, in the order buckets finish communicating."""
+    """Update on one dedicated daemon thread, in the order buckets finish communicating.
 
-    def __init__(self, name: str = "overlap-sgd-update"):
+    With ``defer=True`` (the default) updates whose communication lands while backward is
+    still computing gradients wait until the last bucket has been handed to communication
+    (:meth:`hold` / :meth:`release`). On a CPU that computation is the critical path: the later
+    buckets cannot communicate before it produces them, so an update run then would delay
+    every later bucket. Once backward has produced every bucket, the held updates run while
+    the remaining buckets are still on the wire.
+    """
+
+    def __init__(self, name: str = "overlap-sgd-update", defer: bool = True):
         self._name = name
+        self._defer = defer
         self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._held: list[Callable[[], None]] | None = None
+        # A new thread starts with OpenMP's default team size, not the one the training
+        # process chose (torchrun sets 1 per rank): carry the creator's setting over.
+        self._num_threads = torch.get_num_threads()
 
     def _ensure_started(self) -> None:
         if self._thread is None or not self._thread.is_alive():
@@ -101,6 +122,7 @@ class ThreadExecutor(Executor):
                     self._thread.start()
 
     def _loop(self) -> None:
+        torch.set_num_threads(self._num_threads)
         while True:
             task = self._queue.get()
             if task is None:
@@ -121,8 +143,27 @@ class ThreadExecutor(Executor):
             except Exception as exc:
                 done.set_result(exc)
 
-        _when_done(comm, used).add_done_callback(lambda _: self._queue.put(task))
+        _when_done(comm, used).add_done_callback(lambda _: self._submit(task))
         return done.then(_unwrap)
+
+    def _submit(self, task: Callable[[], None]) -> None:
+        with self._lock:
+            if self._held is not None:
+                self._held.append(task)
+                return
+        self._queue.put(task)
+
+    def hold(self) -> None:
+        if self._defer:
+            self.release()  # anything left from a backward that never finished goes first
+            with self._lock:
+                self._held = []
+
+    def release(self) -> None:
+        with self._lock:
+            held, self._held = self._held, None
+        for task in held or ():
+            self._queue.put(task)
 
     def close(self) -> None:
         with self._lock:

@@ -80,6 +80,10 @@ class OverlapHookState:
             leaving that bucket untouched.
         clip: per-parameter gradient clipping applied before each update
             (:class:`~overlap_sgd.hooks.clip.GradClip`).
+        require_step: refuse a synchronising backward that follows one whose update no
+            ``step()`` acknowledged (:meth:`acknowledge_step`). :func:`overlap_sgd.overlap`
+            turns it on, since its ``OverlappedOptimizer.step()`` acknowledges; a hook
+            registered by hand has nothing to acknowledge with, so the default is off.
     """
 
     def __init__(
@@ -95,6 +99,7 @@ class OverlapHookState:
         executor: "str | Executor" = "auto",
         check_finite: bool = False,
         clip: Optional[GradClip] = None,
+        require_step: bool = False,
     ):
         if comm_hook is None:
             comm_hook = default_hooks.allreduce_hook
@@ -108,6 +113,7 @@ class OverlapHookState:
         self.process_group = process_group
         self.names = dict(names or {})
         self.check_finite = check_finite
+        self.require_step = require_step
         self.clip = clip if clip is not None and clip.active else None
         self.used = UsedTracker(params) if track_unused else None
         self._executor_spec = executor
@@ -186,7 +192,7 @@ class OverlapHookState:
     def begin_sync(self) -> None:
         """Called at a backward's first bucket: refuse to update twice without a ``step()``."""
         late = [i for i, waiting in enumerate(self.awaiting_step) if waiting]
-        if late:
+        if late and self.require_step:
             raise RuntimeError(
                 "a second synchronising backward() ran before optimizer.step() was called for "
                 f"overlapped optimizer(s) {late}: the previous backward already updated the "
@@ -245,16 +251,23 @@ class OverlapHookState:
 def overlap_hook(state: OverlapHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP comm hook: run ``state.comm_hook`` on ``bucket``, then update the bucket's parameters."""
     plan = state.plan_for(bucket)
+    executor = state.executor(plan.device)
     if bucket.index() == 0:
         state.begin_sync()
         state.raise_errors_after_backward()
+        executor.hold()
     comm = state.comm_hook(state.comm_state, bucket)
     used = None
     if state.used is not None:
         used = state.used.launch(plan.used_slots, plan.device, state.process_group)
     check, clip = state.check_finite, state.clip
+    label = f"bucket{plan.index}/update"
 
     def update(result: Tensor, flags: Optional[Tensor]) -> None:
+        with torch.profiler.record_function(label):
+            _update(result, flags)
+
+    def _update(result: Tensor, flags: Optional[Tensor]) -> None:
         try:
             if check:
                 bad = plan.check_finite(result)
@@ -266,7 +279,10 @@ def overlap_hook(state: OverlapHookState, bucket: dist.GradBucket) -> torch.futu
             # backward pass cleanly, and the error is raised with its own type at its end.
             state.record_error(exc)
 
-    return state.track(state.executor(plan.device).after(comm, used, update))
+    future = state.track(executor.after(comm, used, update))
+    if bucket.is_last():
+        executor.release()
+    return future
 
 
 def make_overlap_hook(
