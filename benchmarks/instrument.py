@@ -79,6 +79,12 @@ class InstrumentedExecutor(Executor):
 
         return self.inner.after(comm, used, timed)
 
+    def hold(self) -> None:
+        self.inner.hold()
+
+    def release(self) -> None:
+        self.inner.release()
+
     def close(self) -> None:
         self.inner.close()
 

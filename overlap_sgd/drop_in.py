@@ -41,6 +41,7 @@ def overlap(
     clip_grad_value: float | None = None,
     clip_grad_norm: float | None = None,
     check_consistency_every: int = 0,
+    slice_mb: float | str | None = None,
 ) -> Any:
     """Update each DDP bucket's parameters as soon as its gradients are communicated.
 
@@ -70,6 +71,11 @@ def overlap(
         clip_grad_norm: rescale each *parameter's* gradient to L2 norm at most this value
             before the update (per parameter: a global norm needs every bucket, so it cannot be
             applied before the first bucket's update). See :mod:`overlap_sgd.hooks.clip`.
+        slice_mb: with the default all-reduce, communicate each bucket in slices of about
+            this many MiB and update each slice as soon as it lands, so a large bucket's
+            update need not wait for the whole bucket. Pays where communication leaves the
+            processor idle (a slow network); costs a little where it does not. ``"auto"``:
+            4 MiB for CPU buckets; ``None`` (default): whole buckets.
         check_consistency_every: every this many steps, ``step()`` verifies that parameters
             and optimizer state are identical on all ranks
             (:func:`~overlap_sgd.check_consistency`); 0 disables it.
@@ -119,6 +125,11 @@ def overlap(
         )
     if check_consistency_every < 0:
         raise ValueError(f"check_consistency_every must be >= 0, got {check_consistency_every}")
+    if slice_mb is not None and slice_mb != "auto":
+        if isinstance(slice_mb, bool) or not isinstance(slice_mb, (int, float)):
+            raise TypeError(f"slice_mb must be a number, 'auto' or None, got {slice_mb!r}")
+        if not slice_mb > 0:
+            raise ValueError(f"slice_mb must be positive, got {slice_mb}")
     if getattr(ddp_model, _ATTR, None) is not None:
         raise RuntimeError("overlap() was already called on this DDP model")
     if getattr(ddp_model, "_comm_hooks", None):
@@ -156,6 +167,7 @@ def overlap(
         check_finite=check_finite,
         clip=clip,
         require_step=True,
+        slice_mb=slice_mb,
     )
     ddp_model.register_comm_hook(state, hook)
     setattr(ddp_model, _ATTR, state)

@@ -45,6 +45,7 @@ class Scenario:
     autocast: bool = False
     clip_value: float | None = None
     clip_norm: float | None = None
+    slice_mb: float | None = None
     atol: float = 1e-6
     rtol: float = 1e-5
 
@@ -126,7 +127,7 @@ def parity_body(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any
     wrapped = overlap_sgd.overlap(
         ovl, raw if scenario.multi else raw[0], comm_hook=ovl_hook, comm_state=ovl_hook_state,
         executor=scenario.executor, clip_grad_value=scenario.clip_value,
-        clip_grad_norm=scenario.clip_norm,
+        clip_grad_norm=scenario.clip_norm, slice_mb=scenario.slice_mb,
     )
     opts = wrapped if scenario.multi else [wrapped]
     assert len(opts) == len(ref_opts)
@@ -193,6 +194,7 @@ def parity_body(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any
         "lrs": [g["lr"] for o in opts for g in o.param_groups],
         "plans_built": state.plans_built,
         "buckets": len(state._plans),
+        "sliced": any(len(plan._parts.get(k, [])) > 1 for plan in state._plans.values() for k in plan._parts),
         "syncs": state.syncs,
     }
 

@@ -21,10 +21,20 @@ from torch import Tensor
 from ..functional import FunctionalOptimizer
 from .clip import GradClip
 
-__all__ = ["BucketPlan", "Segment", "Owner"]
+__all__ = ["BucketPlan", "Owner", "Part", "Segment"]
 
 #: ``owner(param) -> (optimizer_index, group_index)`` or ``None`` for a parameter no optimizer holds.
 Owner = Callable[[Tensor], "tuple[int, int] | None"]
+
+
+@dataclass
+class Part:
+    """A contiguous slice ``[start, stop)`` of a bucket buffer, aligned to parameter boundaries,
+    with the segments of the parameters inside it."""
+
+    start: int
+    stop: int
+    segments: list["Segment"]
 
 
 @dataclass
@@ -70,12 +80,15 @@ class BucketPlan:
         self.names = [names.get(id(p), f"<parameter {i} of bucket {index}>") for i, p in enumerate(self.params)]
         self.device = buffer.device
         self.sparse = buffer.is_sparse
+        self.numel = buffer.numel() if not self.sparse else 0
+        self.element_size = buffer.element_size()
         self._buffer_key = _key(buffer)
         # DDP's own views of the buffer serve while the hook returns the buffer itself. A sparse
         # bucket has none: its gradient is the communicated tensor, new every step.
         self._views: list[Tensor] = list(gradients)
         self._views_key = None if self.sparse else self._buffer_key
         self.segments: list[Segment] = []
+        self._parts: dict[int, list[Part]] = {}
         by_owner: dict[tuple[int, int], Segment] = {}
         for pos, p in enumerate(self.params):
             own = owner(p)
@@ -95,6 +108,44 @@ class BucketPlan:
                         f"gradients, but parameter {self.names[seg.positions[0]]!r} has one"
                     )
 
+    def parts(self, slice_numel: int) -> list[Part]:
+        """The bucket cut into slices of about ``slice_numel`` elements at parameter boundaries.
+
+        Built once per slice size. Each part has segments of its own (own state caches), so a
+        part's update touches only the parameters inside it.
+        """
+        cached = self._parts.get(slice_numel)
+        if cached is not None:
+            return cached
+        bounds: list[tuple[int, int, list[int]]] = []
+        offset = 0
+        for pos, p in enumerate(self.params):
+            n = p.numel()
+            if not bounds or bounds[-1][1] - bounds[-1][0] >= slice_numel:
+                bounds.append((offset, offset, []))
+            start, _, positions = bounds[-1]
+            positions.append(pos)
+            bounds[-1] = (start, offset + n, positions)
+            offset += n
+        owned = {pos: seg for seg in self.segments for pos in seg.positions}
+        parts = []
+        for start, stop, positions in bounds:
+            segs: dict[int, Segment] = {}
+            for pos in positions:
+                whole = owned.get(pos)
+                if whole is None:
+                    continue
+                seg = segs.get(id(whole))
+                if seg is None:
+                    seg = segs[id(whole)] = Segment(
+                        whole.optimizer, whole.optimizer_index, whole.group_index, [], []
+                    )
+                seg.positions.append(pos)
+                seg.params.append(self.params[pos])
+            parts.append(Part(start, stop, list(segs.values())))
+        self._parts[slice_numel] = parts
+        return parts
+
     def matches(self, params: Sequence[Tensor]) -> bool:
         """Whether ``params`` is still this plan's parameter list (same objects, same order)."""
         mine = self.params
@@ -110,9 +161,12 @@ class BucketPlan:
         if key is None or key != self._views_key:
             self._views = self._views_of(result)
             self._views_key = key
-            for seg in self.segments:
+            for seg in self._all_segments():
                 seg.grads = None
         return self._views
+
+    def _all_segments(self) -> list[Segment]:
+        return self.segments + [seg for parts in self._parts.values() for part in parts for seg in part.segments]
 
     def _views_of(self, result: Tensor) -> list[Tensor]:
         if self.sparse:
@@ -133,8 +187,14 @@ class BucketPlan:
             offset += n
         return views
 
-    def run(self, result: Tensor, used: Tensor | None = None, clip: GradClip | None = None) -> None:
-        """Update every segment with the gradients in ``result``.
+    def run(
+        self,
+        result: Tensor,
+        used: Tensor | None = None,
+        clip: GradClip | None = None,
+        part: Part | None = None,
+    ) -> None:
+        """Update every segment (of ``part``, if given) with the gradients in ``result``.
 
         ``used`` (only when DDP may skip parameters) holds, per bucket parameter, whether any
         rank produced a gradient for it. A parameter nobody used keeps post-backward semantics:
@@ -142,10 +202,11 @@ class BucketPlan:
         given, clips each parameter's gradient in place before the update.
         """
         views = self.views(result)
+        segments = self.segments if part is None else part.segments
         if used is not None and not bool(used.all()):
-            self._run_partial(views, used.tolist(), clip)
+            self._run_partial(segments, views, used.tolist(), clip)
             return
-        for seg in self.segments:
+        for seg in segments:
             grads = seg.grads
             if grads is None:
                 grads = seg.grads = [views[i] for i in seg.positions]
@@ -153,8 +214,10 @@ class BucketPlan:
                 clip.apply(grads)
             seg.optimizer.update(seg.group_index, seg.params, grads, seg.cache)
 
-    def _run_partial(self, views: list[Tensor], used: list[int], clip: GradClip | None) -> None:
-        for seg in self.segments:
+    def _run_partial(
+        self, segments: list[Segment], views: list[Tensor], used: list[int], clip: GradClip | None
+    ) -> None:
+        for seg in segments:
             params, grads = [], []
             for pos, p in zip(seg.positions, seg.params):
                 if used[pos]:

@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from ..functional import FunctionalOptimizer
-from .bucket import BucketPlan
+from .bucket import BucketPlan, Part
 from .clip import GradClip
 from .executor import Executor, make_executor
 from .used import UsedTracker
@@ -40,6 +40,9 @@ __all__ = [
 ]
 
 CommHook = Callable[[Any, dist.GradBucket], torch.futures.Future]
+
+#: Slice size that ``slice_mb="auto"`` uses for CPU buckets.
+AUTO_SLICE_MB = 4.0
 
 _PROCESS_GROUP_HOOKS = (
     default_hooks.allreduce_hook,
@@ -80,6 +83,11 @@ class OverlapHookState:
             leaving that bucket untouched.
         clip: per-parameter gradient clipping applied before each update
             (:class:`~overlap_sgd.hooks.clip.GradClip`).
+        slice_mb: with the default all-reduce, communicate each bucket in slices of about this
+            many MiB (cut at parameter boundaries) and update each slice as soon as it lands,
+            so that only the last slice's update is left after communication. ``"auto"``:
+            4 MiB for CPU buckets, whole buckets elsewhere. ``None`` (or with a custom
+            ``comm_hook``, or ``check_finite``) communicates whole buckets.
         require_step: refuse a synchronising backward that follows one whose update no
             ``step()`` acknowledged (:meth:`acknowledge_step`). :func:`overlap_sgd.overlap`
             turns it on, since its ``OverlappedOptimizer.step()`` acknowledges; a hook
@@ -100,6 +108,7 @@ class OverlapHookState:
         check_finite: bool = False,
         clip: Optional[GradClip] = None,
         require_step: bool = False,
+        slice_mb: "float | str | None" = None,
     ):
         if comm_hook is None:
             comm_hook = default_hooks.allreduce_hook
@@ -114,6 +123,8 @@ class OverlapHookState:
         self.names = dict(names or {})
         self.check_finite = check_finite
         self.require_step = require_step
+        self.slice_mb = slice_mb
+        self._owns_comm = comm_hook is default_hooks.allreduce_hook
         self.clip = clip if clip is not None and clip.active else None
         self.used = UsedTracker(params) if track_unused else None
         self._executor_spec = executor
@@ -157,6 +168,21 @@ class OverlapHookState:
                 self._plans[index] = plan
                 self.plans_built += 1
         return plan
+
+    def slice_numel(self, plan: BucketPlan) -> int:
+        """Elements per communication slice for ``plan``'s bucket, or 0 for one all-reduce.
+
+        Slicing needs the communication to be this hook's own averaged all-reduce (a user's
+        hook works on whole buckets), a dense bucket, and ``check_finite`` off (its unit is
+        the whole bucket). A bucket no larger than one slice is not cut.
+        """
+        mb = self.slice_mb
+        if mb == "auto":
+            mb = AUTO_SLICE_MB if plan.device.type == "cpu" else None
+        if not mb or not self._owns_comm or plan.sparse or self.check_finite:
+            return 0
+        numel = max(1, int(mb * 2**20) // plan.element_size)
+        return numel if plan.numel > numel else 0
 
     def check_new_params(self, params: Sequence[Tensor]) -> None:
         """Raise unless every one of ``params`` is a trainable model parameter no optimizer holds."""
@@ -256,33 +282,84 @@ def overlap_hook(state: OverlapHookState, bucket: dist.GradBucket) -> torch.futu
         state.begin_sync()
         state.raise_errors_after_backward()
         executor.hold()
-    comm = state.comm_hook(state.comm_state, bucket)
-    used = None
-    if state.used is not None:
-        used = state.used.launch(plan.used_slots, plan.device, state.process_group)
-    check, clip = state.check_finite, state.clip
-    label = f"bucket{plan.index}/update"
-
-    def update(result: Tensor, flags: Optional[Tensor]) -> None:
-        with torch.profiler.record_function(label):
-            _update(result, flags)
-
-    def _update(result: Tensor, flags: Optional[Tensor]) -> None:
-        try:
-            if check:
-                bad = plan.check_finite(result)
-                if bad:
-                    raise NonFiniteGradientError(bad, plan.index)
-            plan.run(result, flags, clip)
-        except Exception as exc:
-            # Kept, not raised here: the bucket's future still completes, so DDP finishes the
-            # backward pass cleanly, and the error is raised with its own type at its end.
-            state.record_error(exc)
-
-    future = state.track(executor.after(comm, used, update))
+    slice_numel = state.slice_numel(plan)
+    if slice_numel:
+        future = _sliced(state, bucket, plan, executor, slice_numel)
+    else:
+        comm = state.comm_hook(state.comm_state, bucket)
+        used = _launch_used(state, plan)
+        future = executor.after(comm, used, _updater(state, plan))
+    state.track(future)
     if bucket.is_last():
         executor.release()
     return future
+
+
+def _launch_used(state: OverlapHookState, plan: BucketPlan) -> Optional[torch.futures.Future]:
+    if state.used is None:
+        return None
+    return state.used.launch(plan.used_slots, plan.device, state.process_group)
+
+
+def _updater(state: OverlapHookState, plan: BucketPlan, part: Optional[Part] = None):
+    """The update a bucket (or one slice of it) runs once its communication has landed."""
+    check, clip = state.check_finite, state.clip
+    label = f"bucket{plan.index}/update" if part is None else f"bucket{plan.index}/update@{part.start}"
+
+    def update(result: Tensor, flags: Optional[Tensor]) -> None:
+        with torch.profiler.record_function(label):
+            try:
+                if check:
+                    bad = plan.check_finite(result)
+                    if bad:
+                        raise NonFiniteGradientError(bad, plan.index)
+                plan.run(result, flags, clip, part)
+            except Exception as exc:
+                # Kept, not raised here: the bucket's future still completes, so DDP finishes
+                # the backward pass cleanly, and the error is raised with its own type at its end.
+                state.record_error(exc)
+
+    return update
+
+
+def _sliced(
+    state: OverlapHookState,
+    bucket: dist.GradBucket,
+    plan: BucketPlan,
+    executor: Executor,
+    slice_numel: int,
+) -> torch.futures.Future[torch.Tensor]:
+    """Average the bucket with one all-reduce per slice, updating each slice as it lands.
+
+    A large bucket's single all-reduce lands all at once, leaving its whole update exposed
+    after the last communication. In slices, each slice's update runs while the later slices
+    are still being reduced; only the last slice's update is left at the end.
+    """
+    group = state.process_group
+    buffer = bucket.buffer()
+    buffer.div_(dist.get_world_size(group))
+    used = _launch_used(state, plan)
+    futures = []
+    for part in plan.parts(slice_numel):
+        piece = buffer[part.start : part.stop]
+        comm = dist.all_reduce(piece, group=group, async_op=True).get_future()
+        futures.append(executor.after(comm, used, _full_bucket(buffer, _updater(state, plan, part))))
+
+    def joined(all_done: torch.futures.Future) -> Tensor:
+        for f in all_done.value():
+            f.value()  # re-raises a failed slice's communication error
+        return buffer
+
+    return torch.futures.collect_all(futures).then(joined)
+
+
+def _full_bucket(buffer: Tensor, update):
+    """Hand ``update`` the whole bucket buffer, whose views the plan caches, not the slice."""
+
+    def run(_piece: Tensor, flags: Optional[Tensor]) -> None:
+        update(buffer, flags)
+
+    return run
 
 
 def make_overlap_hook(
