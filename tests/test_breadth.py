@@ -75,8 +75,10 @@ def muon_and_adamw(model: DDP, scenario: Scenario) -> list[torch.optim.Optimizer
     """The Muon recipe: Muon for 2-D weight matrices, AdamW for everything else."""
     matrices = [p for n, p in model.module.named_parameters() if p.ndim == 2 and n.startswith("body")]
     rest = [p for n, p in model.module.named_parameters() if not (p.ndim == 2 and n.startswith("body"))]
+    # Muon's Newton-Schulz iterations run in bf16 and magnify last-bit differences, so AdamW
+    # names its kernel: both sides then run the very same one (no fused-vs-default rounding).
     return [O.Muon(matrices, lr=0.02, momentum=0.9, nesterov=True, weight_decay=0.01),
-            O.AdamW(rest, lr=0.01)]
+            O.AdamW(rest, lr=0.01, foreach=True)]
 
 
 def sgd_and_rmsprop_groups(model: DDP, scenario: Scenario) -> list[torch.optim.Optimizer]:

@@ -68,6 +68,19 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(a.nan_to_num(), b.nan_to_num())
 
 
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal within float rounding, NaN in the same places: the bucket update may run torch's
+    fused kernel where the post-backward step ran its default one."""
+    return torch.equal(torch.isnan(a), torch.isnan(b)) and torch.allclose(
+        a.nan_to_num(), b.nan_to_num(), rtol=1e-5, atol=1e-7)
+
+
+def close_state(a: dict, b: dict) -> bool:
+    if set(a) != set(b):
+        return False
+    return all(close(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+
+
 def same_state(a: dict, b: dict) -> bool:
     if set(a) != set(b):
         return False
@@ -239,9 +252,9 @@ def row_add_group_valid(rank: int) -> dict:
     return {
         "error": error,
         "checks": {
-            "equal_to_post_backward": all(same(a, b) for a, b in pairs),
+            "equal_to_post_backward": all(close(a, b) for a, b in pairs),
             "head_trained": all(not torch.equal(a, b) for a, b in zip(model.module.head.parameters(), head_before)),
-            "state_equal": all(same_state(opt.state[a], ref_opt.state[b]) for a, b in pairs),
+            "state_equal": all(close_state(opt.state[a], ref_opt.state[b]) for a, b in pairs),
         },
     }
 
@@ -268,7 +281,7 @@ def row_sparse_sgd(rank: int) -> dict:
     return {
         "error": error,
         "checks": {
-            "equal_to_post_backward": all(same(a, b) for a, b in zip(model.parameters(), ref_model.parameters())),
+            "equal_to_post_backward": all(close(a, b) for a, b in zip(model.parameters(), ref_model.parameters())),
             "embedding_trained": not torch.equal(emb_before, model.module.emb.weight),
         },
     }
@@ -327,8 +340,8 @@ def row_nan_default(rank: int) -> dict:
     return {
         "error": error,
         "checks": {
-            "equal_to_post_backward": all(same(a, b) for a, b in pairs),
-            "state_equal": all(same_state(opt.state[a], ref_opt.state[b]) for a, b in pairs),
+            "equal_to_post_backward": all(close(a, b) for a, b in pairs),
+            "state_equal": all(close_state(opt.state[a], ref_opt.state[b]) for a, b in pairs),
             "nan_reached_head_bias": bool(torch.isnan(model.module.head.bias).all()),
             "other_params_finite": all(
                 bool(torch.isfinite(p).all()) for n, p in model.module.named_parameters() if n != "head.bias"),

@@ -314,10 +314,13 @@ def counting_body(rank: int, world_size: int) -> dict:
         return {
             "updates": CountingSGD.updates,
             "factory_calls": factory_calls,
-            "equal": all(torch.equal(a, b) for a, b in zip(params, ref_model.parameters())),
+            # Within rounding: the bucket update may pick torch's fused kernel.
+            "equal": all(torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+                         for a, b in zip(params, ref_model.parameters())),
             "moved": all(not torch.equal(a, b) for a, b in zip(params, initial)),
             "state_equal": all(
-                torch.equal(opt.state[a]["momentum_buffer"], ref_opt.state[b]["momentum_buffer"])
+                torch.allclose(opt.state[a]["momentum_buffer"], ref_opt.state[b]["momentum_buffer"],
+                               rtol=1e-5, atol=1e-7)
                 for a, b in zip(params, ref_model.parameters())
             ),
         }

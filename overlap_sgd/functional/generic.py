@@ -74,6 +74,7 @@ class StepRestricted(FunctionalOptimizer):
     """
 
     torch_optimizer = Optimizer
+    # Sparse support is the wrapped optimizer's business: its own step raises if it has none.
     supports_sparse = True
 
     def __init__(self, params: Any, **hyperparameters: Any):
@@ -87,16 +88,6 @@ class StepRestricted(FunctionalOptimizer):
     def _init_holder(self, holder: Optimizer) -> None:
         super()._init_holder(holder)
         self._step = _raw_step(type(holder))
-
-    def check_grad(self, param: Tensor, grad: Tensor) -> None:
-        # Sparse support is the wrapped optimizer's business: its own step raises if it has none.
-        if not isinstance(grad, Tensor):
-            raise TypeError(f"gradient must be a Tensor or None, got {type(grad).__name__}")
-        if grad.shape != param.shape:
-            raise ValueError(
-                f"gradient of shape {tuple(grad.shape)} does not match parameter of shape "
-                f"{tuple(param.shape)}"
-            )
 
     def _view(self, group: dict[str, Any], params: list[Tensor]) -> Optimizer:
         holder = self._holder
