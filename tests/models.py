@@ -7,7 +7,7 @@ import copy
 import torch
 from torch import nn
 
-__all__ = ["Net", "batch", "twin"]
+__all__ = ["Net", "PlainSGD", "assert_identical", "batch", "twin"]
 
 
 class Net(nn.Module):
@@ -51,3 +51,33 @@ def batch(step: int, rank: int, n: int = 16, seed: int = 0) -> tuple[torch.Tenso
 def twin(model: nn.Module) -> nn.Module:
     """An identical copy (tied weights stay tied)."""
     return copy.deepcopy(model)
+
+
+class PlainSGD(torch.optim.Optimizer):
+    """A minimal optimizer that no registry entry knows (tests subclass it to get fresh classes)."""
+
+    def __init__(self, params):
+        super().__init__(params, {"lr": 0.1})
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.data.add_(p.grad, alpha=-group["lr"])
+
+
+def assert_identical(a, b, where: str = "root") -> None:
+    """Recursive bit-for-bit equality of nested dicts / lists / tensors (a saved checkpoint)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype, where
+        assert torch.equal(a, b), f"{where} differs by {(a - b).abs().max().item()}"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            assert_identical(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"

@@ -25,7 +25,7 @@ from overlap_sgd.checkpoint import (
 )
 
 from .distributed import run_distributed
-from .models import Net, batch
+from .models import Net, assert_identical, batch
 
 
 def _groups(model: nn.Module, split: bool = True) -> list[dict]:
@@ -63,21 +63,6 @@ def _snapshot(model, opt, sched):
     )
 
 
-def _assert_same(a, b, where="root"):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), where
-        for k in a:
-            _assert_same(a[k], b[k], f"{where}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, (where, a, b)
-
-
 # -- round trip and lookup --------------------------------------------------------------------
 
 
@@ -89,7 +74,7 @@ def test_round_trip_restores_model_optimizer_scheduler_and_extras(tmp_path):
     fresh_model, fresh_opt, fresh_sched = _trained(torch.optim.AdamW, steps=0)
     ckpt = load_checkpoint(latest_checkpoint(tmp_path), fresh_model, fresh_opt, fresh_sched)
     assert ckpt["step"] == 3 and ckpt["tag"] == "x"
-    _assert_same(_snapshot(fresh_model, fresh_opt, fresh_sched), saved)
+    assert_identical(_snapshot(fresh_model, fresh_opt, fresh_sched), saved)
 
 
 def test_latest_checkpoint_picks_highest_complete_step(tmp_path):
@@ -230,7 +215,7 @@ def _assert_load_refused(path, model, opt, sched, match):
     before = _snapshot(model, opt, sched)
     with pytest.raises(ValueError, match=match):
         load_checkpoint(path, model, opt, sched)
-    _assert_same(_snapshot(model, opt, sched), before)
+    assert_identical(_snapshot(model, opt, sched), before)
 
 
 def test_optimizer_type_mismatch_is_refused_without_changes(tmp_path):
@@ -312,7 +297,7 @@ def _overlapped_round_trip(rank: int, world_size: int, directory: str) -> str:
     plain_opt = torch.optim.SGD(_groups(plain), lr=0.1, momentum=0.9)
     plain_sched = torch.optim.lr_scheduler.StepLR(plain_opt, step_size=2, gamma=0.5)
     assert load_checkpoint(path, plain, plain_opt, plain_sched)["step"] == 3
-    _assert_same(_snapshot(plain, plain_opt, plain_sched), _snapshot(ddp.module, opt, sched))
+    assert_identical(_snapshot(plain, plain_opt, plain_sched), _snapshot(ddp.module, opt, sched))
     adam = torch.optim.Adam(_groups(plain))
     with pytest.raises(ValueError, match="SGD optimizer"):
         load_checkpoint(path, plain, adam)

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from .models import assert_identical
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_ddp.py"
 SMALL = ["--width", "32", "--depth", "2", "--batch-size", "16", "--bucket-cap-mb", "0.002"]
 
@@ -79,22 +81,6 @@ def summary(out: str) -> dict[str, str]:
         assert m, f"no {key!r} in {lines[0]!r}"
         fields[key] = m.group(1)
     return fields
-
-
-def assert_identical(a, b, where: str = "root") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype, where
-        assert torch.equal(a, b), f"{where} differs by {(a - b).abs().max().item()}"
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), where
-        for k in a:
-            assert_identical(a[k], b[k], f"{where}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_identical(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 # One overlapped AdamW run serves the first two tests (each torchrun launch costs seconds).

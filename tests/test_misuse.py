@@ -22,7 +22,7 @@ import overlap_sgd
 from overlap_sgd import FunctionalSGD, NonFiniteGradientError, register_global, unregister
 
 from .distributed import run_distributed
-from .models import Net, batch
+from .models import Net, PlainSGD, batch
 
 # -- models and helpers (run inside the ranks) -------------------------------------------------
 
@@ -50,17 +50,8 @@ class SparseNet(nn.Module):
         return self.net(self.emb(idx) + x)
 
 
-class NoSuchOptimizer(torch.optim.Optimizer):
+class NoSuchOptimizer(PlainSGD):
     """A plain SGD, declared below as needing the global step."""
-
-    def __init__(self, params):
-        super().__init__(params, {"lr": 0.1})
-
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.data.add_(p.grad, alpha=-group["lr"])
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -24,7 +24,7 @@ from overlap_sgd import (
 from overlap_sgd.registry import default_hook_factory
 
 from .distributed import run_distributed
-from .models import Net, batch, twin
+from .models import Net, PlainSGD, batch, twin
 
 BUILTINS = {
     torch.optim.SGD: FunctionalSGD,
@@ -45,15 +45,8 @@ class MyAdamW(torch.optim.AdamW):
     pass
 
 
-class Unrelated(torch.optim.Optimizer):
-    def __init__(self, params):
-        super().__init__(params, {"lr": 0.1})
-
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.data.add_(p.grad, alpha=-group["lr"])
+class Unrelated(PlainSGD):
+    pass
 
 
 class CountingSGD(FunctionalSGD):
