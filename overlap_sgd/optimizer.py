@@ -10,6 +10,7 @@ hooks and tells the overlap hook that the step for this backward was taken.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -64,6 +65,7 @@ class OverlappedOptimizer(Optimizer):
         self._model = model
         self._consistency_every = check_consistency_every
         self._steps = 0
+        self._warned_late_grads = False
         for name in _SHARED_HOOK_DICTS:
             setattr(self, name, getattr(optimizer, name))
         self._patch_step_function()
@@ -136,6 +138,16 @@ class OverlappedOptimizer(Optimizer):
                 "updated inside backward() before the scaler could unscale it or check it for "
                 "inf/NaN. Train with bf16 autocast instead (torch.autocast(device, "
                 "dtype=torch.bfloat16)), which needs no loss scaling."
+            )
+        if self._index == 0 and not self._warned_late_grads and self._hook_state.grads_changed_since_backward():
+            self._warned_late_grads = True
+            warnings.warn(
+                "gradients were modified in place after backward() (for example by "
+                "torch.nn.utils.clip_grad_norm_), but overlapped parameters were already updated "
+                "inside backward() with the unmodified gradients. Clip inside the overlap "
+                "instead: overlap(..., clip_grad_norm=..., clip_grad_value=...) clip each "
+                "parameter's gradient before its update.",
+                stacklevel=2,
             )
         self._hook_state.acknowledge_step(self._index)
         self._optimizer._opt_called = True  # type: ignore[attr-defined]

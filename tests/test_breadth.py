@@ -253,3 +253,29 @@ def test_grad_scaler_is_refused_pointing_to_bf16() -> None:
     # it), so the first scaler.step() fails loudly instead of training on scaled gradients.
     for message in run_distributed(_grad_scaler_refused, 2):
         assert "GradScaler" in message and "bf16" in message
+
+
+def _late_clipping(rank: int, world_size: int, clip_after: bool) -> list[str]:
+    torch.manual_seed(0)
+    model = DDP(Net(), bucket_cap_mb=0.002)
+    opt = overlap_sgd.overlap(model, O.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(3):
+            x, y = batch(step, rank)
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            if clip_after:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad()
+    return [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("clip_after", [True, False])
+def test_clipping_after_backward_is_detected(clip_after: bool) -> None:
+    # clip_grad_norm_ after backward acts too late (the parameters already moved): warn once.
+    for messages in run_distributed(_late_clipping, 2, clip_after):
+        late = [m for m in messages if "clip_grad_norm_" in m]
+        assert len(late) == (1 if clip_after else 0), messages

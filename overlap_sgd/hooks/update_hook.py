@@ -141,6 +141,8 @@ class OverlapHookState:
         self.last_error: Optional[Exception] = None
         self.pending_error: Optional[Exception] = None
         self._inflight: list[torch.futures.Future] = []
+        self._probe: Optional[Tensor] = None
+        self._probe_version: Optional[tuple[int, int]] = None
         #: The OverlappedOptimizers built on this state, in order (set by ``overlap()``).
         self.wrapped: list[Any] = []
 
@@ -258,6 +260,7 @@ class OverlapHookState:
         torch.autograd.Variable._execution_engine.queue_callback(self._raise_pending)
 
     def _raise_pending(self) -> None:
+        self._record_probe()
         exc, self.pending_error = self.pending_error, None
         if exc is not None:
             # The loop will not reach step() for this backward: do not demand one.
@@ -266,6 +269,27 @@ class OverlapHookState:
 
     def acknowledge_step(self, optimizer_index: int) -> None:
         self.awaiting_step[optimizer_index] = False
+
+    def _record_probe(self) -> None:
+        """Remember the version of one updated parameter's gradient as backward left it."""
+        probe = self._probe
+        if probe is None:
+            plan = self._plans.get(0)
+            segments = plan.segments if plan is not None else []
+            probe = self._probe = segments[0].params[0] if segments else None
+        grad = probe.grad if probe is not None else None
+        self._probe_version = None if grad is None else (id(grad), grad._version)
+
+    def grads_changed_since_backward(self) -> bool:
+        """Whether gradients were modified in place after backward ended (``clip_grad_norm_``,
+        ``GradScaler.unscale_``, ...): too late to affect the update, which already ran.
+
+        Watches one parameter's gradient: whole-model gradient transforms touch every one.
+        """
+        if self._probe is None or self._probe_version is None:
+            return False
+        grad = self._probe.grad
+        return grad is not None and (id(grad), grad._version) != self._probe_version
 
     def close(self) -> None:
         if self.used is not None:
