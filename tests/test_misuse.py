@@ -72,6 +72,15 @@ def close_state(a: dict, b: dict) -> bool:
     return all(close(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
 
 
+def matches_post_backward(model, opt, ref_model, ref_opt) -> dict[str, bool]:
+    """The parity checks of a row that trains beside a post-backward reference."""
+    pairs = list(zip(model.parameters(), ref_model.parameters()))
+    return {
+        "equal_to_post_backward": all(close(a, b) for a, b in pairs),
+        "state_equal": all(close_state(opt.state[a], ref_opt.state[b]) for a, b in pairs),
+    }
+
+
 def same_state(a: dict, b: dict) -> bool:
     if set(a) != set(b):
         return False
@@ -239,13 +248,11 @@ def row_add_group_valid(rank: int) -> dict:
             train(m, o, range(2, 4), rank)
     except Exception as exc:  # noqa: BLE001
         error = (type(exc), str(exc))
-    pairs = list(zip(model.parameters(), ref_model.parameters()))
     return {
         "error": error,
         "checks": {
-            "equal_to_post_backward": all(close(a, b) for a, b in pairs),
+            **matches_post_backward(model, opt, ref_model, ref_opt),
             "head_trained": all(not torch.equal(a, b) for a, b in zip(model.module.head.parameters(), head_before)),
-            "state_equal": all(close_state(opt.state[a], ref_opt.state[b]) for a, b in pairs),
         },
     }
 
@@ -327,12 +334,10 @@ def row_nan_default(rank: int) -> dict:
                 handle.remove()
     except Exception as exc:  # noqa: BLE001
         error = (type(exc), str(exc))
-    pairs = list(zip(model.parameters(), ref_model.parameters()))
     return {
         "error": error,
         "checks": {
-            "equal_to_post_backward": all(close(a, b) for a, b in pairs),
-            "state_equal": all(close_state(opt.state[a], ref_opt.state[b]) for a, b in pairs),
+            **matches_post_backward(model, opt, ref_model, ref_opt),
             "nan_reached_head_bias": bool(torch.isnan(model.module.head.bias).all()),
             "other_params_finite": all(
                 bool(torch.isfinite(p).all()) for n, p in model.module.named_parameters() if n != "head.bias"),
