@@ -177,10 +177,13 @@ def build_mode(name: str, ctx: ModeContext) -> Mode:
     link_state = LinkHookState(ctx.link, process_group=ddp.process_group) if ctx.link else None
     if name == "overlap":
         opt = make_optimizer(ctx.optimizer, ddp.parameters(), **ctx.overlap_kernel)
-        executor = InstrumentedExecutor(make_executor("auto", ctx.device), label=ctx.label)
+        # Without a link the package's own all-reduce runs and labels itself in a trace
+        # (bucket<i>/comm, bucket<i>/update); a link hook is wrapped to be labelled alike.
+        wrap = ctx.label and link_state is not None
+        executor = InstrumentedExecutor(make_executor("auto", ctx.device), label=wrap)
         hook: Any = link_hook if link_state is not None else None
         state: Any = link_state
-        if ctx.label:
+        if wrap:
             hook, state = labelled_hook, LabelHookState(
                 hook or default_hooks.allreduce_hook,
                 state if state is not None else ddp.process_group,

@@ -1,10 +1,10 @@
 """A Chrome trace of a few overlap-mode steps, each bucket's communication and update labelled.
 
-The overlap mode traced here is built with :func:`~benchmarks.instrument.labelled_hook` and an
-:class:`~benchmarks.instrument.InstrumentedExecutor` with labels on, so the trace shows
-``bucket<i>/comm`` (launch to completion) and ``bucket<i>/update`` ranges, inside ``step<k>``
-ranges. Open the file in ``chrome://tracing`` or https://ui.perfetto.dev.
-"""
+The package labels its own work while a profiler runs: ``bucket<i>/comm`` from the all-reduce's
+launch to its completion and ``bucket<i>/update`` around each update, inside the ``step<k>``
+ranges recorded here (behind a simulated link the overlap mode is built with
+:func:`~benchmarks.instrument.labelled_hook`, which labels the link's communication alike). Open
+the file in ``chrome://tracing`` or https://ui.perfetto.dev."""
 
 from __future__ import annotations
 

@@ -558,3 +558,65 @@ def test_update_cache_follows_load_state_dict(fcls, tcls, kw):
         f.update(0, list(params), clones(grads), cache)
         assert_same([p.detach() for p in params], [p.detach() for p in ref_params], f"step {step}")
         assert_same(f.state_dict(), ref.state_dict(), f"state step {step}")
+
+
+# -- summed gradients: update(..., grad_scale=world_size) -------------------------------------
+
+SCALE_CASES = [
+    (FunctionalSGD, dict(lr=0.1, momentum=0.9, weight_decay=0.01, fused=True)),
+    (FunctionalSGD, dict(lr=0.1, momentum=0.9, nesterov=True, fused=True)),
+    (FunctionalSGD, dict(lr=0.1, momentum=0.9, nesterov=True, foreach=True)),
+    (FunctionalSGD, dict(lr=0.1, momentum=0.9, nesterov=True)),
+    (FunctionalSGD, dict(lr=0.1)),
+    (FunctionalAdam, dict(lr=0.01, fused=True, amsgrad=True)),
+    (FunctionalAdam, dict(lr=0.01, foreach=True)),
+    (FunctionalAdamW, dict(lr=0.01, fused=True, weight_decay=0.1)),
+    (FunctionalAdamW, dict(lr=0.01, foreach=False)),
+]
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["as-configured", "fast"])
+@pytest.mark.parametrize("fcls,kw", SCALE_CASES, ids=lambda x: getattr(x, "__name__", str(x)))
+def test_update_averages_summed_gradients(fcls, kw, fast):
+    # grad_scale=3 over the sum of three ranks' gradients: the same step as the averaged
+    # gradient, and the gradients are left averaged in place (DDP hands them to .grad).
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(s)) for s in SHAPES]
+    ref = [nn.Parameter(p.detach().clone()) for p in params]
+    initial = [p.detach().clone() for p in params]
+    func = fcls(params, **kw)
+    torch_opt = fcls.torch_optimizer(ref, **kw)
+    cache = {"fast": fast}
+    scale = torch.tensor(3.0)
+    for _ in range(3):
+        grads = [torch.randn(s) for s in SHAPES]
+        summed = [g * 3 for g in grads]
+        func.update(0, params, summed, cache, grad_scale=scale)
+        for r, g in zip(ref, grads):
+            r.grad = g.clone()
+        torch_opt.step()
+        for s, g in zip(summed, grads):
+            torch.testing.assert_close(s, g, rtol=1e-6, atol=1e-7)
+    for p, r, p0 in zip(params, ref, initial):
+        torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-5, atol=1e-6)
+        assert not torch.equal(p.detach(), p0)
+
+
+def test_update_averages_for_an_optimizer_without_a_fused_kernel():
+    # The base class divides first for an update that cannot fold the division in.
+    from overlap_sgd.functional.generic import restricted
+
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(4, 3))]
+    ref = [nn.Parameter(params[0].detach().clone())]
+    cls = restricted(torch.optim.RMSprop)
+    assert not cls.folds_grad_scale
+    func = cls(params, lr=0.01, momentum=0.5)
+    torch_opt = torch.optim.RMSprop(ref, lr=0.01, momentum=0.5)
+    g = torch.randn(4, 3)
+    summed = [g * 2]
+    func.update(0, params, summed, grad_scale=torch.tensor(2.0))
+    ref[0].grad = g.clone()
+    torch_opt.step()
+    torch.testing.assert_close(summed[0], g)
+    torch.testing.assert_close(params[0].detach(), ref[0].detach())

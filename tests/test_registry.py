@@ -55,9 +55,9 @@ class CountingSGD(FunctionalSGD):
     torch_optimizer = MySGD
     updates = 0
 
-    def update(self, group_index, params, grads, cache=None):
+    def update(self, group_index, params, grads, cache=None, grad_scale=None):
         type(self).updates += 1
-        super().update(group_index, params, grads, cache)
+        super().update(group_index, params, grads, cache, grad_scale)
 
 
 @pytest.fixture

@@ -130,3 +130,38 @@ def _periodic_check(rank: int, world_size: int) -> int:
 
 def test_periodic_consistency_check_fires() -> None:
     run_distributed(_periodic_check, 2)
+
+
+def _failed_update_keeps_averaged_grads(rank: int, world_size: int) -> dict:
+    # The default communication sums and leaves the averaging to the update's kernel: when
+    # the update fails, the gradients DDP hands to .grad must still be the averaged ones.
+    from tests.models import twin
+
+    torch.manual_seed(0)
+    net = Net()
+    ref = DDP(twin(net), bucket_cap_mb=0.002)
+    model = DDP(net, bucket_cap_mb=0.002)
+    opt = overlap_sgd.overlap(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    functional = opt.hook_state.optimizers[0]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("update exploded")
+
+    functional._update = broken
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = batch(0, rank)
+    F.mse_loss(ref(x), y).backward()
+    with pytest.raises(RuntimeError, match="update exploded"):
+        F.mse_loss(model(x), y).backward()
+    for (name, p_ref), p in zip(ref.module.named_parameters(), model.module.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-6, atol=1e-7, msg=name)
+    return {
+        "unchanged": all(torch.equal(a, b) for a, b in zip(before, model.parameters())),
+        "summed": any(plan.folds_grad_scale for plan in opt.hook_state._plans.values()),
+    }
+
+
+def test_a_failed_update_still_leaves_averaged_gradients():
+    for r in run_distributed(_failed_update_keeps_averaged_grads, 2, timeout=60):
+        assert r["unchanged"]
+        assert r["summed"], "the default communication did not leave the averaging to the update"

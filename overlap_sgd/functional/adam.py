@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim.adam import adam
 
-from .base import FunctionalOptimizer, KernelChoice, fused_supported, new_step
+from .base import FunctionalOptimizer, KernelChoice, divide, fused_supported, new_step
 
 __all__ = ["FunctionalAdam", "FunctionalAdamW"]
 
@@ -33,6 +33,7 @@ class FunctionalAdam(FunctionalOptimizer):
     """
 
     torch_optimizer = torch.optim.Adam
+    folds_grad_scale = True
 
     def __init__(
         self,
@@ -99,6 +100,7 @@ class FunctionalAdam(FunctionalOptimizer):
         params: list[Tensor],
         grads: list[Tensor],
         cache: dict[str, Any],
+        grad_scale: Tensor | None = None,
     ) -> None:
         steps, exp_avgs, exp_avg_sqs, max_sqs, has_complex = self._state_lists(group, params, cache)
         fused_ok = cache.get("fused_ok")
@@ -110,6 +112,9 @@ class FunctionalAdam(FunctionalOptimizer):
                 and all(s.device.type == "cpu" and s.dtype == torch.float32 for s in steps)
             )
         kernel = KernelChoice.for_group(group, sparse=False, fused_ok=fused_ok)
+        if grad_scale is not None and kernel != KernelChoice.FUSED:
+            divide(grads, grad_scale)
+            grad_scale = None
         beta1, beta2 = group["betas"]
         adam(
             params,
@@ -122,7 +127,7 @@ class FunctionalAdam(FunctionalOptimizer):
             capturable=group["capturable"],
             differentiable=False,
             fused=kernel == KernelChoice.FUSED,
-            grad_scale=None,
+            grad_scale=grad_scale,
             found_inf=None,
             has_complex=has_complex,
             decoupled_weight_decay=group["decoupled_weight_decay"],

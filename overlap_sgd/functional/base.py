@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["FunctionalOptimizer", "KernelChoice"]
+__all__ = ["FunctionalOptimizer", "KernelChoice", "divide"]
 
 
 class KernelChoice:
@@ -64,6 +64,17 @@ class KernelChoice:
         if tensor_lr:
             return KernelChoice.SINGLE
         return KernelChoice.FOREACH
+
+
+def divide(grads: Sequence[Tensor], grad_scale: Tensor) -> None:
+    """Divide every tensor of ``grads`` in place by the 0-dim tensor ``grad_scale``."""
+    if not grads:
+        return
+    if any(g.is_sparse for g in grads):
+        for g in grads:
+            g.div_(grad_scale)
+    else:
+        torch._foreach_div_(list(grads), grad_scale)
 
 
 def fused_supported(params: list[Tensor], devices: tuple[str, ...]) -> bool:
@@ -253,6 +264,7 @@ class FunctionalOptimizer:
         params: list[Tensor],
         grads: list[Tensor],
         cache: dict[str, Any] | None = None,
+        grad_scale: Tensor | None = None,
     ) -> None:
         """Update ``params`` of group ``group_index`` with ``grads`` in one kernel call.
 
@@ -262,10 +274,36 @@ class FunctionalOptimizer:
         kernel to torch (``foreach=None, fused=None``) pick the fused kernel where it keeps
         the state layout; results then match torch's default kernel within float rounding
         rather than bit for bit. No validation happens here: this is the hot path.
+
+        ``grad_scale`` (a 0-dim float32 tensor on the gradients' device) says that ``grads``
+        are ``grad_scale`` times the gradients to apply, as after a summing all-reduce. They
+        are divided by it in place, so that afterwards they hold the applied gradients:
+        inside the fused kernel, which reads them anyway, where the update runs one
+        (:attr:`folds_grad_scale`), else by one multi-tensor division first.
+
+        Example:
+            >>> import torch
+            >>> from overlap_sgd import FunctionalSGD
+            >>> w = torch.nn.Parameter(torch.ones(2))
+            >>> opt = FunctionalSGD([w], lr=1.0)
+            >>> g = torch.full((2,), 4.0)   # the sum of two ranks' gradients of 2.0
+            >>> opt.update(0, [w], [g], grad_scale=torch.tensor(2.0))
+            >>> w.detach(), g
+            (tensor([-1., -1.]), tensor([2., 2.]))
         """
         group = self._holder.param_groups[group_index]
+        cache = cache if cache is not None else {}
         with torch.no_grad():
-            self._update(group, params, grads, cache if cache is not None else {})
+            if grad_scale is not None and not self.folds_grad_scale:
+                divide(grads, grad_scale)
+                grad_scale = None
+            if grad_scale is None:
+                self._update(group, params, grads, cache)
+            else:
+                self._update(group, params, grads, cache, grad_scale)
+
+    #: Whether :meth:`_update` accepts ``grad_scale`` (and divides by it itself).
+    folds_grad_scale: ClassVar[bool] = False
 
     def _update(
         self,
@@ -273,6 +311,7 @@ class FunctionalOptimizer:
         params: list[Tensor],
         grads: list[Tensor],
         cache: dict[str, Any],
+        grad_scale: Tensor | None = None,
     ) -> None:
         raise NotImplementedError
 

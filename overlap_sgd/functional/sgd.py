@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim.sgd import sgd
 
-from .base import FunctionalOptimizer, KernelChoice, fused_supported
+from .base import FunctionalOptimizer, KernelChoice, divide, fused_supported
 
 __all__ = ["FunctionalSGD"]
 
@@ -36,6 +36,7 @@ class FunctionalSGD(FunctionalOptimizer):
 
     torch_optimizer = torch.optim.SGD
     supports_sparse = True
+    folds_grad_scale = True
 
     def __init__(
         self,
@@ -67,6 +68,7 @@ class FunctionalSGD(FunctionalOptimizer):
         params: list[Tensor],
         grads: list[Tensor],
         cache: dict[str, Any],
+        grad_scale: Tensor | None = None,
     ) -> None:
         momentum = group["momentum"]
         sparse = cache.get("sparse")
@@ -74,6 +76,16 @@ class FunctionalSGD(FunctionalOptimizer):
             sparse = cache["sparse"] = any(g.is_sparse for g in grads)
             cache["fused_ok"] = cache.get("fast", False) and fused_supported(params, _FUSED_DEVICES)
         kernel = KernelChoice.for_group(group, sparse, cache["fused_ok"])
+        if grad_scale is not None and kernel != KernelChoice.FUSED:
+            divide(grads, grad_scale)
+            grad_scale = None
+        if (
+            kernel == KernelChoice.FOREACH and group["nesterov"] and momentum != 0
+            and group["weight_decay"] == 0 and not group["maximize"]
+        ):
+            # torch's multi-tensor Nesterov step adds the momentum into the gradients it is
+            # given; the caller's gradients (DDP's, which become .grad) must stay as they are.
+            grads = torch._foreach_mul(grads, 1.0)
         bufs: list[Tensor | None] = []
         fresh = False
         if momentum != 0:
@@ -88,7 +100,9 @@ class FunctionalSGD(FunctionalOptimizer):
                     # the two kinds separately (a parameter unused so far has none yet).
                     for keep_new in (False, True):
                         idx = [i for i, b in enumerate(bufs) if (b is None) == keep_new]
-                        self._update(group, [params[i] for i in idx], [grads[i] for i in idx], {})
+                        self._update(
+                            group, [params[i] for i in idx], [grads[i] for i in idx], {}, grad_scale
+                        )
                     return
         sgd(
             params,
@@ -97,7 +111,7 @@ class FunctionalSGD(FunctionalOptimizer):
             has_sparse_grad=sparse,
             foreach=kernel == KernelChoice.FOREACH,
             fused=kernel == KernelChoice.FUSED,
-            grad_scale=None,
+            grad_scale=grad_scale,
             found_inf=None,
             weight_decay=group["weight_decay"],
             momentum=momentum,

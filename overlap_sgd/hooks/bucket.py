@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..functional import FunctionalOptimizer
+from ..functional.base import divide
 from .clip import GradClip
 
 __all__ = ["BucketPlan", "Owner", "Part", "Segment"]
@@ -89,6 +90,8 @@ class BucketPlan:
         self._views_key = None if self.sparse else self._buffer_key
         self.segments: list[Segment] = []
         self._parts: dict[int, list[Part]] = {}
+        self._unowned: dict[tuple[int, int], list[int]] = {}
+        self._scale: tuple[int, Tensor] | None = None
         by_owner: dict[tuple[int, int], Segment] = {}
         for pos, p in enumerate(self.params):
             own = owner(p)
@@ -100,6 +103,8 @@ class BucketPlan:
                 self.segments.append(seg)
             seg.positions.append(pos)
             seg.params.append(p)
+        #: Every optimizer here divides summed gradients inside its own kernel.
+        self.folds_grad_scale = all(seg.optimizer.folds_grad_scale for seg in self.segments)
         if self.sparse:
             for seg in self.segments:
                 if not seg.optimizer.supports_sparse:
@@ -151,6 +156,14 @@ class BucketPlan:
         mine = self.params
         return len(params) == len(mine) and all(a is b for a, b in zip(params, mine))
 
+    def grad_scale(self, world_size: int) -> Tensor:
+        """``world_size`` as the 0-dim float32 tensor on the bucket's device that the fused
+        kernels take as ``grad_scale`` (made once per plan)."""
+        if self._scale is None or self._scale[0] != world_size:
+            value = torch.tensor(float(world_size), dtype=torch.float32, device=self.device)
+            self._scale = (world_size, value)
+        return self._scale[1]
+
     @property
     def optimizer_indices(self) -> set[int]:
         return {seg.optimizer_index for seg in self.segments}
@@ -193,6 +206,7 @@ class BucketPlan:
         used: Tensor | None = None,
         clip: GradClip | None = None,
         part: Part | None = None,
+        grad_scale: Tensor | None = None,
     ) -> None:
         """Update every segment (of ``part``, if given) with the gradients in ``result``.
 
@@ -200,19 +214,60 @@ class BucketPlan:
         rank produced a gradient for it. A parameter nobody used keeps post-backward semantics:
         skipped when its ``.grad`` is ``None``, else stepped with that ``.grad``. ``clip``, if
         given, clips each parameter's gradient in place before the update.
+
+        ``grad_scale`` marks ``result`` as a sum still to be averaged (divided by
+        ``grad_scale``). Every gradient of the bucket (or part) is divided exactly once, so
+        that DDP hands the averaged gradients to ``.grad`` as usual: by the fused kernels that
+        fold the division into the update, otherwise before the update; also when the
+        update fails.
         """
         views = self.views(result)
         segments = self.segments if part is None else part.segments
+        if grad_scale is not None and (clip is not None or (used is not None and not bool(used.all()))):
+            self.divide(result, grad_scale, part)
+            grad_scale = None
         if used is not None and not bool(used.all()):
             self._run_partial(segments, views, used.tolist(), clip)
             return
-        for seg in segments:
-            grads = seg.grads
-            if grads is None:
-                grads = seg.grads = [views[i] for i in seg.positions]
-            if clip is not None:
-                clip.apply(grads)
-            seg.optimizer.update(seg.group_index, seg.params, grads, seg.cache)
+        if grad_scale is not None:
+            divide([views[i] for i in self.unowned(part)], grad_scale)
+        done = 0
+        try:
+            for seg in segments:
+                grads = seg.grads
+                if grads is None:
+                    grads = seg.grads = [views[i] for i in seg.positions]
+                if clip is not None:
+                    clip.apply(grads)
+                seg.optimizer.update(seg.group_index, seg.params, grads, seg.cache, grad_scale=grad_scale)
+                done += 1
+        except BaseException:
+            if grad_scale is not None:
+                for seg in segments[done:]:
+                    divide([views[i] for i in seg.positions], grad_scale)
+            raise
+
+    def divide(self, result: Tensor, grad_scale: Tensor, part: Part | None = None) -> None:
+        """Divide the communicated bucket (or ``part`` of it) in place by ``grad_scale``."""
+        if part is None:
+            result.div_(grad_scale)
+        else:
+            result.view(-1)[part.start : part.stop].div_(grad_scale)
+
+    def unowned(self, part: Part | None = None) -> list[int]:
+        """Positions (within ``part``, if given) of parameters that no optimizer updates."""
+        key = (-1, -1) if part is None else (part.start, part.stop)
+        cached = self._unowned.get(key)
+        if cached is None:
+            owned = {pos for seg in (self.segments if part is None else part.segments) for pos in seg.positions}
+            lo, hi = (0, self.numel) if part is None else (part.start, part.stop)
+            cached, offset = [], 0
+            for pos, p in enumerate(self.params):
+                if lo <= offset < hi and pos not in owned:
+                    cached.append(pos)
+                offset += p.numel()
+            self._unowned[key] = cached
+        return cached
 
     def _run_partial(
         self, segments: list[Segment], views: list[Tensor], used: list[int], clip: GradClip | None

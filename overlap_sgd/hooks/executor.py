@@ -6,8 +6,10 @@ serialise the update with communication. Three executors:
 
 - :class:`ThreadExecutor` (CPU default): one daemon thread per overlapped model runs the updates in
   arrival order. The communication threads only enqueue, so later buckets keep communicating
-  while earlier ones are updated. Running all updates on one thread also means no two bucket
-  updates ever touch shared optimizer structures at once.
+  while earlier ones are updated. The thread runs at background priority, so that on a busy
+  CPU an update takes only processor time that communication and backward leave idle, instead
+  of slowing the communication it is meant to hide behind. The update of the bucket that
+  lands last, which backward waits for, runs at once at normal priority instead.
 - :class:`StreamExecutor` (CUDA default): the update is enqueued on a side stream that waits for the
   bucket's communication; the default stream is joined to the side stream at the end of
   backward, before the next forward can read the parameters.
@@ -21,8 +23,11 @@ user's ``backward()`` call instead of leaving the collective hanging.
 
 from __future__ import annotations
 
+import atexit
+import os
 import queue
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +35,15 @@ import torch
 from torch import Tensor
 from torch.futures import Future
 
-__all__ = ["Executor", "ThreadExecutor", "InlineExecutor", "StreamExecutor", "make_executor", "tensor_of"]
+__all__ = [
+    "Executor",
+    "InlineExecutor",
+    "StreamExecutor",
+    "ThreadExecutor",
+    "lower_priority",
+    "make_executor",
+    "tensor_of",
+]
 
 #: ``update(result, used)``: apply the bucket update; ``used`` is ``None`` or per-parameter flags.
 Update = Callable[[Tensor, "Tensor | None"], None]
@@ -93,22 +106,36 @@ class InlineExecutor(Executor):
 
 
 class ThreadExecutor(Executor):
-    """Update on one dedicated daemon thread, in the order buckets finish communicating.
+    """Update on a dedicated daemon thread, in the order buckets finish communicating.
+
+    The worker runs at background priority (``background=True``, see :func:`lower_priority`):
+    on a saturated CPU an update then takes only processor time that backward and the other
+    buckets' communication leave idle, rather than slowing the communication it hides behind.
+
+    The update of the bucket whose communication lands last, once backward has produced every
+    bucket, is the critical path: nothing is left to hide it behind and backward waits for it.
+    It runs at once, at normal priority, on the thread that completed the communication (no
+    later collective needs that thread), while the worker may still finish an earlier bucket.
 
     With ``defer=True`` (the default) updates whose communication lands while backward is
     still computing gradients wait until the last bucket has been handed to communication
-    (:meth:`hold` / :meth:`release`). On a CPU that computation is the critical path: the later
-    buckets cannot communicate before it produces them, so an update run then would delay
-    every later bucket. Once backward has produced every bucket, the held updates run while
-    the remaining buckets are still on the wire.
+    (:meth:`hold` / :meth:`release`): on a CPU that computation is the critical path, since the
+    later buckets cannot communicate before it produces them.
     """
 
-    def __init__(self, name: str = "overlap-sgd-update", defer: bool = True):
+    def __init__(
+        self, name: str = "overlap-sgd-update", defer: bool = True, background: bool = True
+    ):
         self._name = name
         self._defer = defer
+        self._background = background
         self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        #: Updates whose communication has not landed yet.
+        self._in_flight = 0
+        #: Backward is still producing buckets (between :meth:`hold` and :meth:`release`).
+        self._producing = False
         self._held: list[Callable[[], None]] | None = None
         # A new thread starts with OpenMP's default team size, not the one the training
         # process chose (torchrun sets 1 per rank): carry the creator's setting over.
@@ -120,9 +147,12 @@ class ThreadExecutor(Executor):
                 if self._thread is None or not self._thread.is_alive():
                     self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
                     self._thread.start()
+                    _LIVE.add(self)
 
     def _loop(self) -> None:
         torch.set_num_threads(self._num_threads)
+        if self._background:
+            lower_priority()
         while True:
             task = self._queue.get()
             if task is None:
@@ -131,7 +161,7 @@ class ThreadExecutor(Executor):
 
     def after(self, comm: Future, used: Future | None, update: Update) -> Future:
         self._ensure_started()
-        # The worker completes `done` with the result or the exception it raised; `then`
+        # `task` completes `done` with the result or the exception it raised; `then`
         # re-raises the latter, which marks the returned future as failed in C++, so DDP's
         # wait in backward() raises it (Future.set_exception would hand DDP the exception
         # object as if it were the bucket tensor).
@@ -143,24 +173,33 @@ class ThreadExecutor(Executor):
             except Exception as exc:
                 done.set_result(exc)
 
+        with self._lock:
+            self._in_flight += 1
         _when_done(comm, used).add_done_callback(lambda _: self._submit(task))
         return done.then(_unwrap)
 
     def _submit(self, task: Callable[[], None]) -> None:
         with self._lock:
+            self._in_flight -= 1
             if self._held is not None:
                 self._held.append(task)
                 return
-        self._queue.put(task)
+            last = not self._producing and self._in_flight == 0
+        if last:
+            task()  # the critical path: run it here, now, at normal priority
+        else:
+            self._queue.put(task)
 
     def hold(self) -> None:
-        if self._defer:
-            self.release()  # anything left from a backward that never finished goes first
-            with self._lock:
+        self.release()  # anything left from a backward that never finished goes first
+        with self._lock:
+            self._producing = True
+            if self._defer:
                 self._held = []
 
     def release(self) -> None:
         with self._lock:
+            self._producing = False
             held, self._held = self._held, None
         for task in held or ():
             self._queue.put(task)
@@ -171,6 +210,38 @@ class ThreadExecutor(Executor):
                 self._queue.put(None)
                 self._thread.join(timeout=10)
             self._thread = None
+
+
+#: Executors with a running worker thread, stopped at interpreter exit (see ``_stop_all``).
+_LIVE: "weakref.WeakSet[ThreadExecutor]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    # A daemon thread that is still returning from its last update while the interpreter
+    # finalises is torn down inside torch's C++ frames, which aborts the process; stop the
+    # workers first (a background-priority one may not have been scheduled since).
+    for executor in list(_LIVE):
+        executor.close()
+
+
+def lower_priority() -> bool:
+    """Put the calling thread in the background: Linux ``SCHED_IDLE``, else the lowest nice.
+
+    It then runs when the processor would otherwise idle, so on a saturated CPU it does not
+    take time from the communication and computation threads. Returns whether it worked
+    (not every platform allows it; the thread then runs at normal priority).
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        return True
+    except (AttributeError, OSError):
+        pass
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        return True
+    except (AttributeError, OSError):
+        return False
 
 
 class StreamExecutor(Executor):

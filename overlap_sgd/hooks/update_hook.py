@@ -125,6 +125,7 @@ class OverlapHookState:
         self.require_step = require_step
         self.slice_mb = slice_mb
         self._owns_comm = comm_hook is default_hooks.allreduce_hook
+        self._world_size: Optional[int] = None
         self.clip = clip if clip is not None and clip.active else None
         self.used = UsedTracker(params) if track_unused else None
         self._executor_spec = executor
@@ -140,7 +141,6 @@ class OverlapHookState:
         #: The last exception a bucket update raised (also raised from ``backward()``).
         self.last_error: Optional[Exception] = None
         self.pending_error: Optional[Exception] = None
-        self._inflight: list[torch.futures.Future] = []
         self._probe: Optional[Tensor] = None
         self._probe_version: Optional[tuple[int, int]] = None
         #: The OverlappedOptimizers built on this state, in order (set by ``overlap()``).
@@ -185,6 +185,18 @@ class OverlapHookState:
             return 0
         numel = max(1, int(mb * 2**20) // plan.element_size)
         return numel if plan.numel > numel else 0
+
+    def sums(self, plan: BucketPlan) -> bool:
+        """Whether ``plan``'s bucket is summed by this hook's own all-reduce and averaged in
+        the update: the default communication, a dense bucket, and optimizers that fold the
+        division into their kernel. Others average before the all-reduce, as DDP does."""
+        return self._owns_comm and not plan.sparse and plan.folds_grad_scale
+
+    def grad_scale(self, plan: BucketPlan) -> Tensor:
+        """The world size as the tensor the update divides summed gradients by."""
+        if self._world_size is None:
+            self._world_size = dist.get_world_size(self.process_group)
+        return plan.grad_scale(self._world_size)
 
     def check_new_params(self, params: Sequence[Tensor]) -> None:
         """Raise unless every one of ``params`` is a trainable model parameter no optimizer holds."""
@@ -240,23 +252,16 @@ class OverlapHookState:
     def raise_errors_after_backward(self) -> None:
         """Queue the check that raises a bucket update's error at the end of ``backward()``.
 
-        Called from the comm hook at a backward's first bucket, on the autograd thread. The
-        callback first waits for every bucket future of this backward (they complete after
-        their update), so no update is still running when it looks for errors.
+        Called from the comm hook at a backward's first bucket, on the autograd thread.
         """
-        self._inflight = []
         torch.autograd.Variable._execution_engine.queue_callback(self._after_backward)
 
-    def track(self, future: torch.futures.Future) -> torch.futures.Future:
-        self._inflight.append(future)
-        return future
-
     def _after_backward(self) -> None:
-        futures, self._inflight = self._inflight, []
-        for f in futures:
-            f.wait()
         # Raise from a callback queued now, which runs after DDP's own end-of-backward
-        # callback: raising before it would leave DDP's reducer half-finalised.
+        # callback: raising before it would leave DDP's reducer half-finalised. DDP's callback
+        # waits for every bucket's future, and each completes only after its bucket's update,
+        # so no update is still running then. (Waiting here instead would hold up DDP, which
+        # copies each bucket's gradients out as soon as that bucket is done.)
         torch.autograd.Variable._execution_engine.queue_callback(self._raise_pending)
 
     def _raise_pending(self) -> None:
@@ -309,14 +314,31 @@ def overlap_hook(state: OverlapHookState, bucket: dist.GradBucket) -> torch.futu
     slice_numel = state.slice_numel(plan)
     if slice_numel:
         future = _sliced(state, bucket, plan, executor, slice_numel)
+    elif state.sums(plan):
+        # Sum now, average in the update: the fused kernels divide while they read the
+        # gradients anyway, saving the separate pass over the bucket an averaging hook makes
+        # on the autograd thread before its all-reduce can start.
+        comm = _labelled(
+            f"bucket{plan.index}/comm",
+            lambda: dist.all_reduce(bucket.buffer(), group=state.process_group, async_op=True).get_future(),
+        )
+        used = _launch_used(state, plan)
+        future = executor.after(comm, used, _updater(state, plan, grad_scale=state.grad_scale(plan)))
     else:
         comm = state.comm_hook(state.comm_state, bucket)
         used = _launch_used(state, plan)
         future = executor.after(comm, used, _updater(state, plan))
-    state.track(future)
     if bucket.is_last():
         executor.release()
     return future
+
+
+def _labelled(name: str, launch: Callable[[], torch.futures.Future]) -> torch.futures.Future:
+    """``launch()``, shown in a running profiler as range ``name`` from launch to completion."""
+    if not torch.autograd.profiler._is_profiler_enabled:
+        return launch()
+    with torch.profiler.record_function(name) as rf:
+        return rf._call_end_callbacks_on_future(launch())
 
 
 def _launch_used(state: OverlapHookState, plan: BucketPlan) -> Optional[torch.futures.Future]:
@@ -325,19 +347,31 @@ def _launch_used(state: OverlapHookState, plan: BucketPlan) -> Optional[torch.fu
     return state.used.launch(plan.used_slots, plan.device, state.process_group)
 
 
-def _updater(state: OverlapHookState, plan: BucketPlan, part: Optional[Part] = None):
-    """The update a bucket (or one slice of it) runs once its communication has landed."""
+def _updater(
+    state: OverlapHookState,
+    plan: BucketPlan,
+    part: Optional[Part] = None,
+    grad_scale: Optional[Tensor] = None,
+):
+    """The update a bucket (or one slice of it) runs once its communication has landed.
+
+    ``grad_scale``: the communication summed the gradients; the update averages them.
+    """
     check, clip = state.check_finite, state.clip
     label = f"bucket{plan.index}/update" if part is None else f"bucket{plan.index}/update@{part.start}"
 
     def update(result: Tensor, flags: Optional[Tensor]) -> None:
+        scale = grad_scale
         with torch.profiler.record_function(label):
             try:
                 if check:
+                    if scale is not None:
+                        plan.divide(result, scale, part)
+                        scale = None
                     bad = plan.check_finite(result)
                     if bad:
                         raise NonFiniteGradientError(bad, plan.index)
-                plan.run(result, flags, clip, part)
+                plan.run(result, flags, clip, part, scale)
             except Exception as exc:
                 # Kept, not raised here: the bucket's future still completes, so DDP finishes
                 # the backward pass cleanly, and the error is raised with its own type at its end.
@@ -361,13 +395,18 @@ def _sliced(
     """
     group = state.process_group
     buffer = bucket.buffer()
-    buffer.div_(dist.get_world_size(group))
+    scale = None
+    if plan.folds_grad_scale:
+        scale = state.grad_scale(plan)
+    else:
+        buffer.div_(dist.get_world_size(group))
     used = _launch_used(state, plan)
     futures = []
     for part in plan.parts(slice_numel):
         piece = buffer[part.start : part.stop]
         comm = dist.all_reduce(piece, group=group, async_op=True).get_future()
-        futures.append(executor.after(comm, used, _full_bucket(buffer, _updater(state, plan, part))))
+        update = _updater(state, plan, part, grad_scale=scale)
+        futures.append(executor.after(comm, used, _full_bucket(buffer, update)))
 
     def joined(all_done: torch.futures.Future) -> Tensor:
         for f in all_done.value():
