@@ -132,22 +132,28 @@ def test_periodic_consistency_check_fires() -> None:
     run_distributed(_periodic_check, 2)
 
 
-def _failed_update_keeps_averaged_grads(rank: int, world_size: int) -> dict:
-    # The default communication sums and leaves the averaging to the update's kernel: when
-    # the update fails, the gradients DDP hands to .grad must still be the averaged ones.
+def _failed_update_keeps_averaged_grads(rank: int, world_size: int, where: str) -> dict:
+    # The default communication sums and leaves the averaging to the update: when the update
+    # fails, before or after dividing, .grad must still be averaged exactly once.
+    from overlap_sgd.functional import sgd as functional_sgd
     from tests.models import twin
 
     torch.manual_seed(0)
     net = Net()
     ref = DDP(twin(net), bucket_cap_mb=0.002)
     model = DDP(net, bucket_cap_mb=0.002)
-    opt = overlap_sgd.overlap(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
-    functional = opt.hook_state.optimizers[0]
+    kernel = {"foreach": True} if where == "multi-tensor kernel" else {}
+    opt = overlap_sgd.overlap(
+        model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, **kernel)
+    )
 
     def broken(*args, **kwargs):
         raise RuntimeError("update exploded")
 
-    functional._update = broken
+    if where == "before the update":
+        opt.hook_state.optimizers[0]._update = broken
+    else:  # torch's kernel fails after the update divided for a non-fused kernel
+        functional_sgd.sgd = broken
     before = [p.detach().clone() for p in model.parameters()]
     x, y = batch(0, rank)
     F.mse_loss(ref(x), y).backward()
@@ -161,7 +167,8 @@ def _failed_update_keeps_averaged_grads(rank: int, world_size: int) -> dict:
     }
 
 
-def test_a_failed_update_still_leaves_averaged_gradients():
-    for r in run_distributed(_failed_update_keeps_averaged_grads, 2, timeout=60):
+@pytest.mark.parametrize("where", ["before the update", "fused kernel", "multi-tensor kernel"])
+def test_a_failed_update_still_leaves_averaged_gradients(where: str):
+    for r in run_distributed(_failed_update_keeps_averaged_grads, 2, where, timeout=60):
         assert r["unchanged"]
         assert r["summed"], "the default communication did not leave the averaging to the update"

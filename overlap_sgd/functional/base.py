@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["FunctionalOptimizer", "KernelChoice", "divide"]
+__all__ = ["FunctionalOptimizer", "KernelChoice", "divide", "divided"]
 
 
 class KernelChoice:
@@ -75,6 +75,12 @@ def divide(grads: Sequence[Tensor], grad_scale: Tensor) -> None:
             g.div_(grad_scale)
     else:
         torch._foreach_div_(list(grads), grad_scale)
+
+
+def divided(cache: dict[str, Any]) -> None:
+    """Note in an update's ``cache`` that its gradients were divided by ``grad_scale`` before
+    the kernel ran, so that a caller recovering from a failed update does not divide again."""
+    cache["divided"] = True
 
 
 def fused_supported(params: list[Tensor], devices: tuple[str, ...]) -> bool:
@@ -295,6 +301,7 @@ class FunctionalOptimizer:
         cache = cache if cache is not None else {}
         with torch.no_grad():
             if grad_scale is not None and not self.folds_grad_scale:
+                divided(cache)
                 divide(grads, grad_scale)
                 grad_scale = None
             if grad_scale is None:

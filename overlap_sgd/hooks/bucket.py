@@ -11,6 +11,7 @@ parameters.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,6 +84,7 @@ class BucketPlan:
         self.sparse = buffer.is_sparse
         self.numel = buffer.numel() if not self.sparse else 0
         self.element_size = buffer.element_size()
+        self.dtype = buffer.dtype
         self._buffer_key = _key(buffer)
         # DDP's own views of the buffer serve while the hook returns the buffer itself. A sparse
         # bucket has none: its gradient is the communicated tensor, new every step.
@@ -91,6 +93,7 @@ class BucketPlan:
         self.segments: list[Segment] = []
         self._parts: dict[int, list[Part]] = {}
         self._unowned: dict[tuple[int, int], list[int]] = {}
+        self._views_lock = threading.Lock()
         self._scale: tuple[int, Tensor] | None = None
         by_owner: dict[tuple[int, int], Segment] = {}
         for pos, p in enumerate(self.params):
@@ -172,10 +175,12 @@ class BucketPlan:
         """Per-parameter gradient views into the communicated bucket ``result``."""
         key = _key(result)
         if key is None or key != self._views_key:
-            self._views = self._views_of(result)
-            self._views_key = key
-            for seg in self._all_segments():
-                seg.grads = None
+            with self._views_lock:  # slices of one bucket may be updated concurrently
+                if key is None or key != self._views_key:
+                    views = self._views_of(result)
+                    for seg in self._all_segments():
+                        seg.grads = None
+                    self._views, self._views_key = views, key
         return self._views
 
     def _all_segments(self) -> list[Segment]:
@@ -239,11 +244,15 @@ class BucketPlan:
                     grads = seg.grads = [views[i] for i in seg.positions]
                 if clip is not None:
                     clip.apply(grads)
+                seg.cache.pop("divided", None)
                 seg.optimizer.update(seg.group_index, seg.params, grads, seg.cache, grad_scale=grad_scale)
                 done += 1
         except BaseException:
             if grad_scale is not None:
-                for seg in segments[done:]:
+                # The failed segment's update may have divided before its kernel failed.
+                failed, rest = segments[done:done + 1], segments[done + 1:]
+                owed = [seg for seg in failed if not seg.cache.pop("divided", False)] + rest
+                for seg in owed:
                     divide([views[i] for i in seg.positions], grad_scale)
             raise
 

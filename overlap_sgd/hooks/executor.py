@@ -6,7 +6,7 @@ serialise the update with communication. Three executors:
 
 - :class:`ThreadExecutor` (CPU default): one daemon thread per overlapped model runs the updates in
   arrival order. The communication threads only enqueue, so later buckets keep communicating
-  while earlier ones are updated. The thread runs at background priority, so that on a busy
+  while earlier ones are updated. The thread runs at the lowest priority, so that on a busy
   CPU an update takes only processor time that communication and backward leave idle, instead
   of slowing the communication it is meant to hide behind. The update of the bucket that
   lands last, which backward waits for, runs at once at normal priority instead.
@@ -108,7 +108,7 @@ class InlineExecutor(Executor):
 class ThreadExecutor(Executor):
     """Update on a dedicated daemon thread, in the order buckets finish communicating.
 
-    The worker runs at background priority (``background=True``, see :func:`lower_priority`):
+    The worker runs at the lowest priority (``background=True``, see :func:`lower_priority`):
     on a saturated CPU an update then takes only processor time that backward and the other
     buckets' communication leave idle, rather than slowing the communication it hides behind.
 
@@ -206,10 +206,11 @@ class ThreadExecutor(Executor):
 
     def close(self) -> None:
         with self._lock:
-            if self._thread is not None and self._thread.is_alive():
+            thread, self._thread = self._thread, None
+            if thread is not None and thread.is_alive():
                 self._queue.put(None)
-                self._thread.join(timeout=10)
-            self._thread = None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=10)  # outside the lock: communication callbacks still submit
 
 
 #: Executors with a running worker thread, stopped at interpreter exit (see ``_stop_all``).
@@ -226,17 +227,14 @@ def _stop_all() -> None:
 
 
 def lower_priority() -> bool:
-    """Put the calling thread in the background: Linux ``SCHED_IDLE``, else the lowest nice.
+    """Put the calling thread in the background: the lowest scheduling priority (nice 19).
 
-    It then runs when the processor would otherwise idle, so on a saturated CPU it does not
-    take time from the communication and computation threads. Returns whether it worked
-    (not every platform allows it; the thread then runs at normal priority).
+    On a saturated CPU it then takes little time from the normal-priority communication and
+    computation threads, yet is never starved for long (unlike ``SCHED_IDLE``, which can stall
+    a thread that holds the GIL for hundreds of milliseconds on a busy machine). Returns
+    whether it worked (Linux applies nice per thread; elsewhere it may be refused, and the
+    thread keeps its priority).
     """
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        return True
-    except (AttributeError, OSError):
-        pass
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         return True

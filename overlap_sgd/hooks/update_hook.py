@@ -188,9 +188,13 @@ class OverlapHookState:
 
     def sums(self, plan: BucketPlan) -> bool:
         """Whether ``plan``'s bucket is summed by this hook's own all-reduce and averaged in
-        the update: the default communication, a dense bucket, and optimizers that fold the
-        division into their kernel. Others average before the all-reduce, as DDP does."""
-        return self._owns_comm and not plan.sparse and plan.folds_grad_scale
+        the update: the default communication, a dense bucket that is not float16 (whose
+        narrow range a sum could overflow), and optimizers that fold the division into their
+        kernel. Others average before the all-reduce, as DDP does."""
+        return (
+            self._owns_comm and not plan.sparse and plan.folds_grad_scale
+            and plan.dtype != torch.float16
+        )
 
     def grad_scale(self, plan: BucketPlan) -> Tensor:
         """The world size as the tensor the update divides summed gradients by."""
@@ -396,7 +400,7 @@ def _sliced(
     group = state.process_group
     buffer = bucket.buffer()
     scale = None
-    if plan.folds_grad_scale:
+    if state.sums(plan):
         scale = state.grad_scale(plan)
     else:
         buffer.div_(dist.get_world_size(group))
