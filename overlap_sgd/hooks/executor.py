@@ -7,9 +7,11 @@ serialise the update with communication. Three executors:
 - :class:`ThreadExecutor` (CPU default): one daemon thread per overlapped model runs the updates in
   arrival order. The communication threads only enqueue, so later buckets keep communicating
   while earlier ones are updated. The thread runs at the lowest priority, so that on a busy
-  CPU an update takes only processor time that communication and backward leave idle, instead
-  of slowing the communication it is meant to hide behind. The update of the bucket that
-  lands last, which backward waits for, runs at once at normal priority instead.
+  CPU an update takes mostly processor time that communication and backward leave idle,
+  instead of slowing the communication it is meant to hide behind. The update of the bucket
+  that lands last, which backward waits for, runs at once at normal priority instead, possibly
+  while the worker still finishes an earlier bucket: two updates at once always touch disjoint
+  parameters, as with :class:`InlineExecutor`, whose callbacks gloo may run concurrently.
 - :class:`StreamExecutor` (CUDA default): the update is enqueued on a side stream that waits for the
   bucket's communication; the default stream is joined to the side stream at the end of
   backward, before the next forward can read the parameters.
