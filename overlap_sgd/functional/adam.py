@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim.adam import adam
 
-from .base import FunctionalOptimizer, KernelChoice, divide, divided, fused_supported, new_step
+from .base import FunctionalOptimizer, KernelChoice, divide_first, fused_supported, new_step
 
 __all__ = ["FunctionalAdam", "FunctionalAdamW"]
 
@@ -113,8 +113,7 @@ class FunctionalAdam(FunctionalOptimizer):
             )
         kernel = KernelChoice.for_group(group, sparse=False, fused_ok=fused_ok)
         if grad_scale is not None and kernel != KernelChoice.FUSED:
-            divided(cache)
-            divide(grads, grad_scale)
+            divide_first(grads, grad_scale, cache)
             grad_scale = None
         beta1, beta2 = group["betas"]
         adam(

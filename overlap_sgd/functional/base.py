@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["FunctionalOptimizer", "KernelChoice", "divide", "divided"]
+__all__ = ["FunctionalOptimizer", "KernelChoice", "divide", "divide_first"]
 
 
 class KernelChoice:
@@ -77,10 +77,14 @@ def divide(grads: Sequence[Tensor], grad_scale: Tensor) -> None:
         torch._foreach_div_(list(grads), grad_scale)
 
 
-def divided(cache: dict[str, Any]) -> None:
-    """Note in an update's ``cache`` that its gradients were divided by ``grad_scale`` before
-    the kernel ran, so that a caller recovering from a failed update does not divide again."""
+def divide_first(grads: Sequence[Tensor], grad_scale: Tensor, cache: dict[str, Any]) -> None:
+    """Divide ``grads`` by ``grad_scale`` before a kernel that cannot fold the division in.
+
+    Notes it in the update's ``cache`` (``cache["divided"]``), so that a caller recovering from
+    an update that fails after this point does not divide the same gradients again.
+    """
     cache["divided"] = True
+    divide(grads, grad_scale)
 
 
 def fused_supported(params: list[Tensor], devices: tuple[str, ...]) -> bool:
@@ -301,8 +305,7 @@ class FunctionalOptimizer:
         cache = cache if cache is not None else {}
         with torch.no_grad():
             if grad_scale is not None and not self.folds_grad_scale:
-                divided(cache)
-                divide(grads, grad_scale)
+                divide_first(grads, grad_scale, cache)
                 grad_scale = None
             if grad_scale is None:
                 self._update(group, params, grads, cache)

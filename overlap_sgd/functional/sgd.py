@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim.sgd import sgd
 
-from .base import FunctionalOptimizer, KernelChoice, divide, divided, fused_supported
+from .base import FunctionalOptimizer, KernelChoice, divide_first, fused_supported
 
 __all__ = ["FunctionalSGD"]
 
@@ -77,8 +77,7 @@ class FunctionalSGD(FunctionalOptimizer):
             cache["fused_ok"] = cache.get("fast", False) and fused_supported(params, _FUSED_DEVICES)
         kernel = KernelChoice.for_group(group, sparse, cache["fused_ok"])
         if grad_scale is not None and kernel != KernelChoice.FUSED:
-            divided(cache)
-            divide(grads, grad_scale)
+            divide_first(grads, grad_scale, cache)
             grad_scale = None
         if (
             kernel == KernelChoice.FOREACH and group["nesterov"] and momentum != 0

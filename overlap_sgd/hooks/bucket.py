@@ -228,14 +228,16 @@ class BucketPlan:
         """
         views = self.views(result)
         segments = self.segments if part is None else part.segments
-        if grad_scale is not None and (clip is not None or (used is not None and not bool(used.all()))):
+        partial = used is not None and not bool(used.all())
+        if grad_scale is not None and (clip is not None or partial):
             self.divide(result, grad_scale, part)
             grad_scale = None
-        if used is not None and not bool(used.all()):
+        if partial:
             self._run_partial(segments, views, used.tolist(), clip)
             return
-        if grad_scale is not None:
-            divide([views[i] for i in self.unowned(part)], grad_scale)
+        unowned = self.unowned(part) if grad_scale is not None else ()
+        if unowned:
+            divide([views[i] for i in unowned], grad_scale)
         done = 0
         try:
             for seg in segments:

@@ -111,7 +111,7 @@ class ThreadExecutor(Executor):
     """Update on a dedicated daemon thread, in the order buckets finish communicating.
 
     The worker runs at the lowest priority (``background=True``, see :func:`lower_priority`):
-    on a saturated CPU an update then takes only processor time that backward and the other
+    on a saturated CPU an update then takes mostly processor time that backward and the other
     buckets' communication leave idle, rather than slowing the communication it hides behind.
 
     The update of the bucket whose communication lands last, once backward has produced every
