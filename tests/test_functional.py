@@ -613,6 +613,7 @@ def test_update_averages_for_an_optimizer_without_a_fused_kernel():
     assert not cls.folds_grad_scale
     func = cls(params, lr=0.01, momentum=0.5)
     torch_opt = torch.optim.RMSprop(ref, lr=0.01, momentum=0.5)
+    initial = params[0].detach().clone()
     g = torch.randn(4, 3)
     summed = [g * 2]
     func.update(0, params, summed, grad_scale=torch.tensor(2.0))
@@ -620,3 +621,4 @@ def test_update_averages_for_an_optimizer_without_a_fused_kernel():
     torch_opt.step()
     torch.testing.assert_close(summed[0], g)
     torch.testing.assert_close(params[0].detach(), ref[0].detach())
+    assert not torch.equal(params[0].detach(), initial)
