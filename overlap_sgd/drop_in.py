@@ -41,7 +41,8 @@ def overlap(
     clip_grad_value: float | None = None,
     clip_grad_norm: float | None = None,
     check_consistency_every: int = 0,
-    slice_mb: float | str | None = None,
+    slice_mb: float | str | None = "auto",
+    grad_views: bool = True,
 ) -> Any:
     """Update each DDP bucket's parameters as soon as its gradients are communicated.
 
@@ -73,12 +74,22 @@ def overlap(
             applied before the first bucket's update). See :mod:`overlap_sgd.hooks.clip`.
         slice_mb: with the default all-reduce, communicate each bucket in slices of about
             this many MiB and update each slice as soon as it lands, so a large bucket's
-            update need not wait for the whole bucket. Pays where communication leaves the
-            processor idle (a slow network); costs a little where it does not. ``"auto"``:
-            4 MiB for CPU buckets; ``None`` (default): whole buckets.
+            update need not wait for the whole bucket to land. Each slice is one more
+            all-reduce. ``"auto"`` (default): CPU buckets of 24 MiB or more in equal slices of
+            at least 12 MiB (DDP's default 25 MiB buckets in two), whole buckets on CUDA;
+            ``None``: whole buckets.
         check_consistency_every: every this many steps, ``step()`` verifies that parameters
             and optimizer state are identical on all ranks
             (:func:`~overlap_sgd.check_consistency`); 0 disables it.
+        grad_views: after backward, each parameter's ``.grad`` holds the averaged gradient as
+            a view into DDP's communication bucket (as with DDP's own
+            ``gradient_as_bucket_view=True``), sparing DDP's copy of every bucket into
+            ``.grad``. Values, ``zero_grad()`` and no_sync accumulation behave as before; the
+            difference is identity: before the model's next forward, a ``.grad`` still
+            pointing into a bucket is given a copy of its own, so a reference to an old
+            ``.grad`` kept past the next backward sees the bucket's new contents. ``False``
+            keeps DDP's copy. No effect with ``gradient_as_bucket_view=True`` (the gradients
+            are bucket views already) or DDP mixed precision.
 
     Raises:
         TypeError: ``ddp_model`` is not DDP, an argument has the wrong type, or an optimizer
@@ -118,6 +129,8 @@ def overlap(
         raise TypeError(f"executor must be a str or an Executor, got {type(executor).__name__}")
     if not isinstance(check_finite, bool):
         raise TypeError(f"check_finite must be a bool, got {type(check_finite).__name__}")
+    if not isinstance(grad_views, bool):
+        raise TypeError(f"grad_views must be a bool, got {type(grad_views).__name__}")
     clip = GradClip(clip_grad_value, clip_grad_norm)
     if isinstance(check_consistency_every, bool) or not isinstance(check_consistency_every, int):
         raise TypeError(
@@ -168,8 +181,14 @@ def overlap(
         clip=clip,
         require_step=True,
         slice_mb=slice_mb,
+        grad_views=grad_views and _can_hand_out_views(ddp_model),
     )
     ddp_model.register_comm_hook(state, hook)
+    if getattr(state, "grad_views", False) is True:
+        # The hook sets .grad itself: DDP's optimizer-in-backward mode skips its copy of the
+        # buckets into .grad, and a forward pre-hook un-aliases what the hook handed out.
+        ddp_model.reducer._set_optimizer_in_backward()
+        ddp_model.register_forward_pre_hook(_reclaim_grads(state))
     setattr(ddp_model, _ATTR, state)
     wrapped = [
         OverlappedOptimizer(opt, state, i, ddp_model, check_consistency_every)
@@ -177,6 +196,22 @@ def overlap(
     ]
     state.wrapped = wrapped
     return wrapped[0] if single else wrapped
+
+
+def _can_hand_out_views(ddp_model: DistributedDataParallel) -> bool:
+    """Whether DDP copies buckets into ``.grad`` and that copy can be replaced by views."""
+    return (
+        not ddp_model.gradient_as_bucket_view
+        and getattr(ddp_model, "mixed_precision", None) is None
+        and hasattr(ddp_model.reducer, "_set_optimizer_in_backward")
+    )
+
+
+def _reclaim_grads(state: Any) -> Callable[..., None]:
+    def reclaim(_module: nn.Module, _args: Any) -> None:
+        state.reclaim_grads()
+
+    return reclaim
 
 
 def overlapped_optimizers(ddp_model: nn.Module) -> list[Optimizer]:

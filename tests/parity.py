@@ -45,7 +45,13 @@ class Scenario:
     autocast: bool = False
     clip_value: float | None = None
     clip_norm: float | None = None
-    slice_mb: float | None = None
+    slice_mb: float | str | None = "auto"
+    #: Lowers ``slice_mb="auto"``'s minimum slice, so that the test's small buckets are cut.
+    auto_min_slice_mb: float | None = None
+    #: After each step: "none" (zero_grad() to None), "zeros" (zero_grad(set_to_none=False)) or
+    #: "keep" (never zeroed: gradients accumulate across synchronised steps).
+    zero: str = "none"
+    grad_views: bool = True
     atol: float = 1e-6
     rtol: float = 1e-5
 
@@ -112,6 +118,10 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, scenario: Scenario, wha
 
 
 def parity_body(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any]:
+    if scenario.auto_min_slice_mb is not None:
+        from overlap_sgd.hooks import update_hook
+
+        update_hook.AUTO_MIN_SLICE_MB = scenario.auto_min_slice_mb
     torch.manual_seed(0)
     net = Net(**scenario.net)
     kwargs = dict(bucket_cap_mb=scenario.bucket_cap_mb, **scenario.ddp)
@@ -128,6 +138,7 @@ def parity_body(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any
         ovl, raw if scenario.multi else raw[0], comm_hook=ovl_hook, comm_state=ovl_hook_state,
         executor=scenario.executor, clip_grad_value=scenario.clip_value,
         clip_grad_norm=scenario.clip_norm, slice_mb=scenario.slice_mb,
+        grad_views=scenario.grad_views,
     )
     opts = wrapped if scenario.multi else [wrapped]
     assert len(opts) == len(ref_opts)
@@ -137,6 +148,7 @@ def parity_body(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any
         scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in ref_opts + opts]
 
     initial = {n: p.detach().clone() for n, p in ovl.module.named_parameters()}
+    grad_views = 0
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if scenario.autocast else nullcontext
     for step in range(scenario.steps):
         if scenario.swap_state_at == step:
@@ -148,6 +160,7 @@ def parity_body(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any
             for o, s in zip(opts, sd_ref):
                 o.load_state_dict(s)
         last_grads = []
+        views = 0
         for model, optimizers in ((ref, ref_opts), (ovl, opts)):
             for micro in range(scenario.accumulate):
                 x, y = batch(step * scenario.accumulate + micro, rank)
@@ -161,9 +174,13 @@ def parity_body(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any
                 _clip_reference(model, scenario)
             last_grads.append({n: None if p.grad is None else p.grad.clone()
                                for n, p in model.module.named_parameters()})
+            if model is ovl:
+                views = sum(p.grad is not None and p.grad._is_view() for p in ovl.parameters())
             for o in optimizers:
                 o.step()
-                o.zero_grad()
+                if scenario.zero != "keep":
+                    o.zero_grad(set_to_none=scenario.zero == "none")
+        grad_views = max(grad_views, views)
         for s in scheds:
             s.step()
         for n, g in last_grads[0].items():
@@ -196,6 +213,8 @@ def parity_body(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any
         "buckets": len(state._plans),
         "sliced": any(len(plan._parts.get(k, [])) > 1 for plan in state._plans.values() for k in plan._parts),
         "syncs": state.syncs,
+        # The most parameters whose .grad was a view after a backward (bucket views handed out).
+        "grad_views": grad_views,
     }
 
 

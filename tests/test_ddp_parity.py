@@ -52,6 +52,14 @@ CASES = [
     Scenario("fp16-compression", SGD, comm="fp16"),
     Scenario("bf16-compression", ADAM, comm="bf16"),
     Scenario("powersgd", SGD, comm="powersgd", bucket_cap_mb=0.01),
+    # .grad handed out as bucket views (the default) against DDP's copies, whatever the loop
+    # does with the gradients between steps; and with the views turned off.
+    Scenario("grads-zeroed-in-place", SGD, zero="zeros"),
+    Scenario("grads-zeroed-in-place-accumulation", ADAMW, zero="zeros", accumulate=2),
+    Scenario("grads-never-zeroed", SGD, zero="keep"),
+    Scenario("unused-grads-zeroed-in-place", ADAM, net={"branch": True}, branch_rule="mixed",
+             ddp={"find_unused_parameters": True}, zero="zeros", steps=8),
+    Scenario("grad-views-off", ADAMW, grad_views=False),
 ]
 
 
@@ -68,6 +76,10 @@ def test_parity_with_post_backward(scenario: Scenario) -> None:
         assert r["syncs"] == scenario.steps
     if scenario.scheduler:
         assert results[0]["lrs"][0] < 0.02, "the scheduler did not drive the overlapped lr"
+    if not scenario.ddp.get("gradient_as_bucket_view"):
+        # Views after backward only where the overlap hands them out in place of DDP's copy.
+        views = [r["grad_views"] for r in results]
+        assert all(views) if scenario.grad_views else not any(views), views
     assert results[0]["plans_built"] >= results[0]["buckets"] > 0
 
 
@@ -87,6 +99,10 @@ SLICED = [
              branch_rule="mixed", ddp={"find_unused_parameters": True}, steps=8),
     Scenario("sliced-groups-no-sync", ADAMW, bucket_cap_mb=0.01, slice_mb=0.001, groups=True,
              accumulate=2),
+    # The default: buckets of at least two minimum slices are cut into equal slices.
+    Scenario("sliced-auto", SGD, bucket_cap_mb=0.01, auto_min_slice_mb=0.001),
+    Scenario("sliced-auto-rebuild", ADAMW, net={"reverse": True, "depth": 4}, bucket_cap_mb=0.004,
+             auto_min_slice_mb=0.001),
 ]
 
 

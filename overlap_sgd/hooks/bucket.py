@@ -37,6 +37,8 @@ class Part:
     start: int
     stop: int
     segments: list["Segment"]
+    #: Bucket positions of every parameter inside the slice, owned by an optimizer or not.
+    positions: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -150,7 +152,7 @@ class BucketPlan:
                     )
                 seg.positions.append(pos)
                 seg.params.append(self.params[pos])
-            parts.append(Part(start, stop, list(segs.values())))
+            parts.append(Part(start, stop, list(segs.values()), positions))
         self._parts[slice_numel] = parts
         return parts
 
@@ -257,6 +259,29 @@ class BucketPlan:
                 for seg in owed:
                     divide([views[i] for i in seg.positions], grad_scale)
             raise
+
+    def hand_out(
+        self, result: Tensor, used: Tensor | None = None, part: Part | None = None
+    ) -> list[tuple[Tensor, Tensor]]:
+        """Set each parameter's ``.grad`` (within ``part``, if given) to its view of ``result``.
+
+        ``result`` must hold the averaged gradients. A parameter that ``used`` marks as used by
+        no rank keeps its ``.grad``, as DDP leaves such a gradient untouched. Returns the
+        ``(parameter, view)`` pairs handed out.
+        """
+        views = self.views(result)
+        flags = used.tolist() if used is not None and not bool(used.all()) else None
+        pairs = []
+        for pos in self.positions(part):
+            if flags is None or flags[pos]:
+                p, view = self.params[pos], views[pos]
+                p.grad = view
+                pairs.append((p, view))
+        return pairs
+
+    def positions(self, part: Part | None = None) -> range | list[int]:
+        """Positions of the parameters inside ``part`` (all of them without one)."""
+        return range(len(self.params)) if part is None else part.positions
 
     def divide(self, result: Tensor, grad_scale: Tensor, part: Part | None = None) -> None:
         """Divide the communicated bucket (or ``part`` of it) in place by ``grad_scale``."""

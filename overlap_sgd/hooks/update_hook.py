@@ -41,8 +41,8 @@ __all__ = [
 
 CommHook = Callable[[Any, dist.GradBucket], torch.futures.Future]
 
-#: Slice size that ``slice_mb="auto"`` uses for CPU buckets.
-AUTO_SLICE_MB = 4.0
+#: ``slice_mb="auto"`` cuts a CPU bucket into equal slices of at least this many MiB.
+AUTO_MIN_SLICE_MB = 12.0
 
 _PROCESS_GROUP_HOOKS = (
     default_hooks.allreduce_hook,
@@ -86,12 +86,19 @@ class OverlapHookState:
         slice_mb: with the default all-reduce, communicate each bucket in slices of about this
             many MiB (cut at parameter boundaries) and update each slice as soon as it lands,
             so that only the last slice's update is left after communication. ``"auto"``:
-            4 MiB for CPU buckets, whole buckets elsewhere. ``None`` (or with a custom
-            ``comm_hook``, or ``check_finite``) communicates whole buckets.
+            a CPU bucket of at least twice :data:`AUTO_MIN_SLICE_MB` is cut into equal slices
+            of at least that size (DDP's default 25 MiB buckets in two); whole buckets
+            elsewhere. ``None`` (or with a custom ``comm_hook``, or ``check_finite``)
+            communicates whole buckets.
         require_step: refuse a synchronising backward that follows one whose update no
             ``step()`` acknowledged (:meth:`acknowledge_step`). :func:`overlap_sgd.overlap`
             turns it on, since its ``OverlappedOptimizer.step()`` acknowledges; a hook
             registered by hand has nothing to acknowledge with, so the default is off.
+        grad_views: after each bucket's update, point every parameter's ``.grad`` at its
+            averaged gradient inside the communicated bucket instead of leaving DDP to copy
+            the bucket into ``.grad``. Only correct together with the DDP reducer's
+            optimizer-in-backward mode (which skips that copy) and :meth:`reclaim_grads`
+            before each forward; :func:`overlap_sgd.overlap` sets up all three.
     """
 
     def __init__(
@@ -109,6 +116,7 @@ class OverlapHookState:
         clip: Optional[GradClip] = None,
         require_step: bool = False,
         slice_mb: "float | str | None" = None,
+        grad_views: bool = False,
     ):
         if comm_hook is None:
             comm_hook = default_hooks.allreduce_hook
@@ -124,6 +132,9 @@ class OverlapHookState:
         self.check_finite = check_finite
         self.require_step = require_step
         self.slice_mb = slice_mb
+        self.grad_views = grad_views
+        # (bucket, slice start) -> the (parameter, bucket view) pairs handed out as ``.grad``.
+        self._handed: dict[tuple[int, int], list[tuple[Tensor, Tensor]]] = {}
         self._owns_comm = comm_hook is default_hooks.allreduce_hook
         self._world_size: Optional[int] = None
         self.clip = clip if clip is not None and clip.active else None
@@ -179,10 +190,15 @@ class OverlapHookState:
         the whole bucket). A bucket no larger than one slice is not cut.
         """
         mb = self.slice_mb
-        if mb == "auto":
-            mb = AUTO_SLICE_MB if plan.device.type == "cpu" else None
         if not mb or not self._owns_comm or plan.sparse or self.check_finite:
             return 0
+        if mb == "auto":
+            if plan.device.type != "cpu":
+                return 0
+            # Each extra all-reduce costs a little; two slices already halve the update left
+            # after the last one lands, so slices stay large.
+            pieces = plan.numel * plan.element_size // int(AUTO_MIN_SLICE_MB * 2**20)
+            return -(-plan.numel // pieces) if pieces >= 2 else 0
         numel = max(1, int(mb * 2**20) // plan.element_size)
         return numel if plan.numel > numel else 0
 
@@ -289,6 +305,34 @@ class OverlapHookState:
         grad = probe.grad if probe is not None else None
         self._probe_version = None if grad is None else (id(grad), grad._version)
 
+    def hand_out_grads(
+        self, plan: BucketPlan, result: Tensor, used: Optional[Tensor], part: Optional[Part]
+    ) -> None:
+        """With ``grad_views``: make the bucket's averaged gradients in ``result`` the
+        parameters' ``.grad`` (parameters no rank used keep theirs, as DDP leaves them)."""
+        if not self.grad_views or plan.sparse:
+            return
+        key = (plan.index, -1 if part is None else part.start)
+        self._handed[key] = plan.hand_out(result, used, part)
+
+    def reclaim_grads(self) -> None:
+        """Give each parameter whose ``.grad`` is still a bucket view a copy of its own.
+
+        Runs before each forward of the model (a forward pre-hook that :func:`overlap` adds):
+        the next backward reuses the buckets, and DDP refuses a ``.grad`` that aliases one.
+        With ``zero_grad()`` setting gradients to ``None`` there is nothing to copy.
+        """
+        if not self._handed:
+            return
+        handed, self._handed = self._handed, {}
+        probe_unchanged = self._probe_version is not None and not self.grads_changed_since_backward()
+        for pairs in handed.values():
+            for p, view in pairs:
+                if p.grad is view:
+                    p.grad = view.clone()
+        if probe_unchanged:
+            self._record_probe()  # the copy is not an in-place change of the gradients
+
     def grads_changed_since_backward(self) -> bool:
         """Whether gradients were modified in place after backward ended (``clip_grad_norm_``,
         ``GradScaler.unscale_``, ...): too late to affect the update, which already ran.
@@ -379,6 +423,12 @@ def _updater(
             except Exception as exc:
                 # Kept, not raised here: the bucket's future still completes, so DDP finishes
                 # the backward pass cleanly, and the error is raised with its own type at its end.
+                state.record_error(exc)
+            try:
+                # Also after a failed update: the gradients are averaged either way, and
+                # ``.grad`` holds them after backward as it would without the overlap.
+                state.hand_out_grads(plan, result, flags, part)
+            except Exception as exc:
                 state.record_error(exc)
 
     return update
