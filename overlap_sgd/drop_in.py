@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
-from .hooks import Executor, OverlapHookState, make_executor
+from .hooks import Executor, OverlapHookState, make_executor, overlap_hook
 from .hooks.clip import GradClip
 from .optimizer import OverlappedOptimizer
 from .registry import resolve
@@ -181,12 +181,14 @@ def overlap(
         clip=clip,
         require_step=True,
         slice_mb=slice_mb,
-        grad_views=grad_views and _can_hand_out_views(ddp_model),
     )
     ddp_model.register_comm_hook(state, hook)
-    if getattr(state, "grad_views", False) is True:
+    own_hook = hook is overlap_hook and isinstance(state, OverlapHookState)
+    if grad_views and own_hook and _can_hand_out_views(ddp_model):
         # The hook sets .grad itself: DDP's optimizer-in-backward mode skips its copy of the
-        # buckets into .grad, and a forward pre-hook un-aliases what the hook handed out.
+        # buckets into .grad, and a forward pre-hook un-aliases what the hook handed out. (A
+        # registered factory's own hook keeps DDP's copy.)
+        state.grad_views = True
         ddp_model.reducer._set_optimizer_in_backward()
         ddp_model.register_forward_pre_hook(_reclaim_grads(state))
     setattr(ddp_model, _ATTR, state)

@@ -78,6 +78,15 @@ def bf16_allreduce(state, bucket):  # unannotated: DDP inspects hook annotations
     return default_hooks.bf16_compress_hook(state, bucket)
 
 
+def fresh_allreduce(state, bucket):  # unannotated: DDP inspects hook annotations
+    """An averaged all-reduce whose result is a new tensor each step, not the bucket buffer."""
+    import torch.distributed as dist
+
+    flat = bucket.buffer().clone()
+    fut = dist.all_reduce(flat, group=state, async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0] / dist.get_world_size(state))
+
+
 def _comm(scenario: Scenario, process_group: Any) -> tuple[Any, Any]:
     if scenario.comm is None:
         return None, None
@@ -85,6 +94,8 @@ def _comm(scenario: Scenario, process_group: Any) -> tuple[Any, Any]:
         return default_hooks.fp16_compress_hook, process_group
     if scenario.comm == "bf16":
         return bf16_allreduce, process_group
+    if scenario.comm == "fresh":
+        return fresh_allreduce, process_group
     if scenario.comm == "powersgd":
         state = powersgd.PowerSGDState(
             process_group=process_group, matrix_approximation_rank=1, start_powerSGD_iter=2,

@@ -60,6 +60,7 @@ CASES = [
     Scenario("unused-grads-zeroed-in-place", ADAM, net={"branch": True}, branch_rule="mixed",
              ddp={"find_unused_parameters": True}, zero="zeros", steps=8),
     Scenario("grad-views-off", ADAMW, grad_views=False),
+    Scenario("hook-returns-new-tensor-grads-kept", SGD, comm="fresh", zero="keep"),
 ]
 
 
@@ -103,6 +104,8 @@ SLICED = [
     Scenario("sliced-auto", SGD, bucket_cap_mb=0.01, auto_min_slice_mb=0.001),
     Scenario("sliced-auto-rebuild", ADAMW, net={"reverse": True, "depth": 4}, bucket_cap_mb=0.004,
              auto_min_slice_mb=0.001),
+    Scenario("sliced-grads-zeroed-in-place", SGD, bucket_cap_mb=0.01, slice_mb=0.001, zero="zeros"),
+    Scenario("sliced-grads-never-zeroed", ADAM, bucket_cap_mb=0.01, slice_mb=0.001, zero="keep"),
 ]
 
 

@@ -85,3 +85,88 @@ def test_grad_views_only_replace_a_copy_ddp_would_make() -> None:
     # With gradient_as_bucket_view=True DDP's gradients are bucket views already.
     for r in run_distributed(_views_need_ddp_copy, 2):
         assert r == [False, True]
+
+
+def _reducer_copies(rank: int, world_size: int) -> list[int]:
+    # DDP's reducer records each copy of a bucket into .grad; with views it makes none.
+    counts = []
+    for grad_views in (True, False):
+        torch.manual_seed(0)
+        model = DDP(Net(), bucket_cap_mb=0.002)
+        opt = overlap_sgd.overlap(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                  grad_views=grad_views)
+        for step in range(2):
+            x, y = batch(step, rank)
+            with torch.profiler.profile() as prof:
+                F.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        counts.append(sum("copy_bucket_to_grad" in e.name for e in prof.events()))
+    return counts
+
+
+def test_ddp_copies_no_bucket_into_grad() -> None:
+    for with_views, without in run_distributed(_reducer_copies, 2):
+        assert with_views == 0 and without > 0, (with_views, without)
+
+
+class _Strided(torch.nn.Module):
+    """A channels_last convolution and a transposed (non-contiguous, dense) matrix: DDP lays
+    out their gradients in the bucket with the parameters' own strides."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+        self.mat = torch.nn.Parameter(torch.randn(4, 6).t())  # shape (6, 4), strides (1, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv(x.to(memory_format=torch.channels_last)))
+        return h.mean(dim=(2, 3)) @ self.mat.t()
+
+
+def _strided_parity(rank: int, world_size: int) -> int:
+    torch.manual_seed(0)
+    net = _Strided()
+    assert not net.mat.is_contiguous() and not net.conv.weight.is_contiguous()
+    ref, ovl = DDP(twin(net), bucket_cap_mb=25), DDP(net, bucket_cap_mb=25)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    opt = overlap_sgd.overlap(ovl, torch.optim.SGD(ovl.parameters(), lr=0.1, momentum=0.9))
+    initial = [p.detach().clone() for p in ovl.parameters()]
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(4):
+        x, y = torch.randn(5, 3, 8, 8, generator=g), torch.randn(5, 6, generator=g)
+        for model, o in ((ref, ref_opt), (ovl, opt)):
+            F.mse_loss(model(x), y).backward()
+        for p, q in zip(ovl.parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
+        for o in (ref_opt, opt):
+            o.step()
+            o.zero_grad()
+    for p, q, p0 in zip(ovl.parameters(), ref.parameters(), initial):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(p.detach(), p0)
+    return len(initial)
+
+
+def test_parameters_with_their_own_strides_keep_parity() -> None:
+    assert run_distributed(_strided_parity, 2) == [3, 3]
+
+
+def _clip_then_eval(rank: int, world_size: int) -> list[str]:
+    torch.manual_seed(0)
+    model = DDP(Net(), bucket_cap_mb=25)
+    opt = overlap_sgd.overlap(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    x, y = batch(0, rank)
+    F.mse_loss(model(x), y).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)  # too late: already updated
+    with torch.no_grad():
+        model(x)  # the gradients get copies of their own; the change must still be seen
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+    return [str(w.message) for w in caught]
+
+
+def test_a_late_gradient_change_is_seen_across_an_eval_forward() -> None:
+    for messages in run_distributed(_clip_then_eval, 2):
+        assert any("modified in place after backward" in m for m in messages), messages

@@ -14,8 +14,7 @@ MIB = 2**20
 def _plan(sizes_mib: list[float], device: str = "cpu") -> BucketPlan:
     params = [torch.nn.Parameter(torch.empty(int(s * MIB) // 4, device=device)) for s in sizes_mib]
     buffer = torch.empty(sum(p.numel() for p in params), device=device)
-    grads = list(buffer.split([p.numel() for p in params]))
-    return BucketPlan(0, params, grads, buffer, [], lambda p: None, {})
+    return BucketPlan(0, params, buffer, [], lambda p: None, {})
 
 
 def _slices(plan: BucketPlan, slice_mb) -> list[float]:

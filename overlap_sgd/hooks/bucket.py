@@ -60,7 +60,6 @@ class BucketPlan:
     Args:
         index: the bucket's index.
         params: the bucket's parameters, in bucket order.
-        gradients: DDP's per-parameter views of the bucket buffer (``bucket.gradients()``).
         buffer: the bucket buffer (``bucket.buffer()``).
         optimizers: the functional optimizers being overlapped.
         owner: maps a parameter to ``(optimizer_index, group_index)``.
@@ -71,7 +70,6 @@ class BucketPlan:
         self,
         index: int,
         params: Sequence[Tensor],
-        gradients: Sequence[Tensor],
         buffer: Tensor,
         optimizers: Sequence[FunctionalOptimizer],
         owner: Owner,
@@ -87,11 +85,11 @@ class BucketPlan:
         self.numel = buffer.numel() if not self.sparse else 0
         self.element_size = buffer.element_size()
         self.dtype = buffer.dtype
-        self._buffer_key = _key(buffer)
-        # DDP's own views of the buffer serve while the hook returns the buffer itself. A sparse
-        # bucket has none: its gradient is the communicated tensor, new every step.
-        self._views: list[Tensor] = list(gradients)
-        self._views_key = None if self.sparse else self._buffer_key
+        # Views are built from the first communicated result, with each parameter's own strides
+        # as DDP lays them out (``bucket.gradients()`` views are row-major whatever the
+        # parameter's layout). A sparse bucket's gradient is the communicated tensor itself.
+        self._views: list[Tensor] = []
+        self._views_key = None
         self.segments: list[Segment] = []
         self._parts: dict[int, list[Part]] = {}
         self._unowned: dict[tuple[int, int], list[int]] = {}
@@ -261,22 +259,30 @@ class BucketPlan:
             raise
 
     def hand_out(
-        self, result: Tensor, used: Tensor | None = None, part: Part | None = None
+        self,
+        result: Tensor,
+        used: Tensor | None = None,
+        part: Part | None = None,
+        into: list[tuple[Tensor, Tensor]] | None = None,
     ) -> list[tuple[Tensor, Tensor]]:
         """Set each parameter's ``.grad`` (within ``part``, if given) to its view of ``result``.
 
         ``result`` must hold the averaged gradients. A parameter that ``used`` marks as used by
-        no rank keeps its ``.grad``, as DDP leaves such a gradient untouched. Returns the
-        ``(parameter, view)`` pairs handed out.
+        no rank keeps its ``.grad``, as DDP leaves such a gradient untouched. A view of another
+        dtype (a hook that returns a compressed result) is handed out as a converted copy, as
+        DDP's own copy would convert it. Returns ``into`` (a new list without it), holding the
+        ``(parameter, view)`` pairs, each appended before its ``.grad`` is set.
         """
+        pairs = [] if into is None else into
         views = self.views(result)
         flags = used.tolist() if used is not None and not bool(used.all()) else None
-        pairs = []
         for pos in self.positions(part):
             if flags is None or flags[pos]:
                 p, view = self.params[pos], views[pos]
-                p.grad = view
+                if view.dtype != p.dtype:
+                    view = view.to(p.dtype)
                 pairs.append((p, view))
+                p.grad = view
         return pairs
 
     def positions(self, part: Part | None = None) -> range | list[int]:
@@ -343,7 +349,11 @@ def _key(t: Tensor) -> tuple[Any, ...] | None:
 
 
 def _dense(p: Tensor) -> bool:
-    """Whether ``p`` is non-overlapping and dense (so DDP mirrors its strides in the bucket)."""
-    return p.is_contiguous(memory_format=torch.channels_last) or p.is_contiguous(
-        memory_format=torch.channels_last_3d
-    )
+    """Whether ``p`` is non-overlapping and dense (so DDP mirrors its strides in the bucket):
+    its strides, ordered, pack its elements without gaps (channels_last, a transposed matrix)."""
+    expected = 1
+    for stride, size in sorted((st, n) for n, st in zip(p.shape, p.stride()) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True

@@ -173,7 +173,7 @@ class OverlapHookState:
         if plan is None or not plan.matches(params):
             with self._lock:
                 plan = BucketPlan(
-                    index, params, bucket.gradients(), bucket.buffer(),
+                    index, params, bucket.buffer(),
                     self.optimizers, self.owner, self.names,
                 )
                 if self.used is not None:
@@ -312,8 +312,9 @@ class OverlapHookState:
         parameters' ``.grad`` (parameters no rank used keep theirs, as DDP leaves them)."""
         if not self.grad_views or plan.sparse:
             return
-        key = (plan.index, -1 if part is None else part.start)
-        self._handed[key] = plan.hand_out(result, used, part)
+        pairs: list[tuple[Tensor, Tensor]] = []
+        self._handed[(plan.index, -1 if part is None else part.start)] = pairs
+        plan.hand_out(result, used, part, into=pairs)
 
     def reclaim_grads(self) -> None:
         """Give each parameter whose ``.grad`` is still a bucket view a copy of its own.
@@ -458,7 +459,10 @@ def _sliced(
     futures = []
     for part in plan.parts(slice_numel):
         piece = buffer[part.start : part.stop]
-        comm = dist.all_reduce(piece, group=group, async_op=True).get_future()
+        comm = _labelled(
+            f"bucket{plan.index}/comm@{part.start}",
+            lambda piece=piece: dist.all_reduce(piece, group=group, async_op=True).get_future(),
+        )
         update = _updater(state, plan, part, grad_scale=scale)
         futures.append(executor.after(comm, used, _full_bucket(buffer, update)))
 
