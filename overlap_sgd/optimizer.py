@@ -160,6 +160,11 @@ class OverlappedOptimizer(Optimizer):
         return None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        if not set_to_none and getattr(self._hook_state, "grad_views", False):
+            # Gradients that are still bucket views get zeros of their own rather than
+            # zeroing the bucket, so no alias survives into the next backward.
+            params = [p for group in self.param_groups for p in group["params"]]
+            self._hook_state.reclaim_grads(params, zero=True)
         self._optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:

@@ -170,3 +170,34 @@ def _clip_then_eval(rank: int, world_size: int) -> list[str]:
 def test_a_late_gradient_change_is_seen_across_an_eval_forward() -> None:
     for messages in run_distributed(_clip_then_eval, 2):
         assert any("modified in place after backward" in m for m in messages), messages
+
+
+def _zeroed_in_place_forward_called_directly(rank: int, world_size: int) -> bool:
+    # model.forward(x) skips module hooks, the pre-hook that un-aliases gradients included;
+    # zero_grad(set_to_none=False) gives the gradients zeros of their own, so nothing aliases a
+    # bucket when DDP copies the next gradients in.
+    torch.manual_seed(0)
+    net = Net()
+    ref, ovl = DDP(twin(net), bucket_cap_mb=0.002), DDP(net, bucket_cap_mb=0.002)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.01)
+    opt = overlap_sgd.overlap(ovl, torch.optim.AdamW(ovl.parameters(), lr=0.01))
+    initial = [p.detach().clone() for p in ovl.parameters()]
+    for step in range(4):
+        x, y = batch(step, rank)
+        for model, o in ((ref, ref_opt), (ovl, opt)):
+            F.mse_loss(model.forward(x), y).backward()
+            o.step()
+        for p, q in zip(ovl.parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
+        for o in (ref_opt, opt):
+            o.zero_grad(set_to_none=False)
+        assert all(p.grad is not None and not p.grad._is_view() and not p.grad.any()
+                   for p in ovl.parameters())
+    for p, q, p0 in zip(ovl.parameters(), ref.parameters(), initial):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(p.detach(), p0)
+    return True
+
+
+def test_zero_grad_in_place_needs_no_forward_hook() -> None:
+    assert run_distributed(_zeroed_in_place_forward_called_directly, 2) == [True, True]

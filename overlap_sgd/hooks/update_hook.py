@@ -316,23 +316,34 @@ class OverlapHookState:
         self._handed[(plan.index, -1 if part is None else part.start)] = pairs
         plan.hand_out(result, used, part, into=pairs)
 
-    def reclaim_grads(self) -> None:
-        """Give each parameter whose ``.grad`` is still a bucket view a copy of its own.
+    def reclaim_grads(self, params: Optional[Sequence[Tensor]] = None, zero: bool = False) -> None:
+        """Give each parameter whose ``.grad`` is still a bucket view a tensor of its own.
 
         Runs before each forward of the model (a forward pre-hook that :func:`overlap` adds):
         the next backward reuses the buckets, and DDP refuses a ``.grad`` that aliases one.
-        With ``zero_grad()`` setting gradients to ``None`` there is nothing to copy.
+        With ``zero_grad()`` setting gradients to ``None`` there is nothing to do.
+
+        Args:
+            params: only these parameters (default: all).
+            zero: give them zeros instead of a copy (for ``zero_grad(set_to_none=False)``).
         """
         if not self._handed:
             return
-        handed, self._handed = self._handed, {}
+        only = None if params is None else {id(p) for p in params}
         probe_unchanged = self._probe_version is not None and not self.grads_changed_since_backward()
-        for pairs in handed.values():
+        kept: dict[tuple[int, int], list[tuple[Tensor, Tensor]]] = {}
+        for key, pairs in self._handed.items():
+            rest = []
             for p, view in pairs:
-                if p.grad is view:
-                    p.grad = view.clone()
+                if only is not None and id(p) not in only:
+                    rest.append((p, view))
+                elif p.grad is view:
+                    p.grad = torch.zeros_like(view) if zero else view.clone()
+            if rest:
+                kept[key] = rest
+        self._handed = kept
         if probe_unchanged:
-            self._record_probe()  # the copy is not an in-place change of the gradients
+            self._record_probe()  # a tensor of its own is not an in-place change of the gradients
 
     def grads_changed_since_backward(self) -> bool:
         """Whether gradients were modified in place after backward ended (``clip_grad_norm_``,
