@@ -208,15 +208,16 @@ class BucketPlan:
     def run(
         self,
         result: Tensor,
-        used: Tensor | None = None,
+        used: list[int] | None = None,
         clip: GradClip | None = None,
         part: Part | None = None,
         grad_scale: Tensor | None = None,
     ) -> None:
         """Update every segment (of ``part``, if given) with the gradients in ``result``.
 
-        ``used`` (only when DDP may skip parameters) holds, per bucket parameter, whether any
-        rank produced a gradient for it. A parameter nobody used keeps post-backward semantics:
+        ``used`` (from :meth:`unused_flags`; ``None`` when every parameter was used) holds, per
+        bucket parameter, whether any rank produced a gradient for it. A parameter nobody used
+        keeps post-backward semantics:
         skipped when its ``.grad`` is ``None``, else stepped with that ``.grad``. ``clip``, if
         given, clips each parameter's gradient in place before the update.
 
@@ -228,12 +229,11 @@ class BucketPlan:
         """
         views = self.views(result)
         segments = self.segments if part is None else part.segments
-        partial = used is not None and not bool(used.all())
-        if grad_scale is not None and (clip is not None or partial):
+        if grad_scale is not None and (clip is not None or used is not None):
             self.divide(result, grad_scale, part)
             grad_scale = None
-        if partial:
-            self._run_partial(segments, views, used.tolist(), clip)
+        if used is not None:
+            self._run_partial(segments, views, used, clip)
             return
         unowned = self.unowned(part) if grad_scale is not None else ()
         if unowned:
@@ -258,32 +258,36 @@ class BucketPlan:
                     divide([views[i] for i in seg.positions], grad_scale)
             raise
 
+    @staticmethod
+    def unused_flags(used: Tensor | None) -> list[int] | None:
+        """The per-parameter used flags as a list, or ``None`` when every parameter was used
+        (read once per update: on CUDA each read waits for the device)."""
+        return None if used is None or bool(used.all()) else used.tolist()
+
     def hand_out(
         self,
         result: Tensor,
-        used: Tensor | None = None,
-        part: Part | None = None,
-        into: list[tuple[Tensor, Tensor]] | None = None,
-    ) -> list[tuple[Tensor, Tensor]]:
+        used: list[int] | None,
+        part: Part | None,
+        into: list[tuple[Tensor, Tensor]],
+    ) -> None:
         """Set each parameter's ``.grad`` (within ``part``, if given) to its view of ``result``.
 
-        ``result`` must hold the averaged gradients. A parameter that ``used`` marks as used by
-        no rank keeps its ``.grad``, as DDP leaves such a gradient untouched. A view of another
-        dtype (a hook that returns a compressed result) is handed out as a converted copy, as
-        DDP's own copy would convert it. Returns ``into`` (a new list without it), holding the
-        ``(parameter, view)`` pairs, each appended before its ``.grad`` is set.
+        ``result`` must hold the averaged gradients. A parameter that ``used`` (as for
+        :meth:`run`) marks as used by no rank keeps its ``.grad``, as DDP leaves such a gradient
+        untouched. A result of another dtype (a hook that returns a compressed result) is
+        handed out as converted copies, as DDP's own copy would convert it. Each
+        ``(parameter, view)`` pair is appended to ``into`` before its ``.grad`` is set.
         """
-        pairs = [] if into is None else into
         views = self.views(result)
-        flags = used.tolist() if used is not None and not bool(used.all()) else None
+        convert = result.dtype != self.dtype
         for pos in self.positions(part):
-            if flags is None or flags[pos]:
+            if used is None or used[pos]:
                 p, view = self.params[pos], views[pos]
-                if view.dtype != p.dtype:
+                if convert:
                     view = view.to(p.dtype)
-                pairs.append((p, view))
+                into.append((p, view))
                 p.grad = view
-        return pairs
 
     def positions(self, part: Part | None = None) -> range | list[int]:
         """Positions of the parameters inside ``part`` (all of them without one)."""

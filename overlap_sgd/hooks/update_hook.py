@@ -306,7 +306,7 @@ class OverlapHookState:
         self._probe_version = None if grad is None else (id(grad), grad._version)
 
     def hand_out_grads(
-        self, plan: BucketPlan, result: Tensor, used: Optional[Tensor], part: Optional[Part]
+        self, plan: BucketPlan, result: Tensor, used: Optional[list[int]], part: Optional[Part]
     ) -> None:
         """With ``grad_views``: make the bucket's averaged gradients in ``result`` the
         parameters' ``.grad`` (parameters no rank used keep theirs, as DDP leaves them)."""
@@ -314,7 +314,7 @@ class OverlapHookState:
             return
         pairs: list[tuple[Tensor, Tensor]] = []
         self._handed[(plan.index, -1 if part is None else part.start)] = pairs
-        plan.hand_out(result, used, part, into=pairs)
+        plan.hand_out(result, used, part, pairs)
 
     def reclaim_grads(self, params: Optional[Sequence[Tensor]] = None, zero: bool = False) -> None:
         """Give each parameter whose ``.grad`` is still a bucket view a tensor of its own.
@@ -422,6 +422,7 @@ def _updater(
 
     def update(result: Tensor, flags: Optional[Tensor]) -> None:
         scale = grad_scale
+        used = plan.unused_flags(flags)
         with torch.profiler.record_function(label):
             try:
                 if check:
@@ -431,7 +432,7 @@ def _updater(
                     bad = plan.check_finite(result)
                     if bad:
                         raise NonFiniteGradientError(bad, plan.index)
-                plan.run(result, flags, clip, part, scale)
+                plan.run(result, used, clip, part, scale)
             except Exception as exc:
                 # Kept, not raised here: the bucket's future still completes, so DDP finishes
                 # the backward pass cleanly, and the error is raised with its own type at its end.
@@ -439,7 +440,7 @@ def _updater(
             try:
                 # Also after a failed update: the gradients are averaged either way, and
                 # ``.grad`` holds them after backward as it would without the overlap.
-                state.hand_out_grads(plan, result, flags, part)
+                state.hand_out_grads(plan, result, used, part)
             except Exception as exc:
                 state.record_error(exc)
 
