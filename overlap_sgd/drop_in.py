@@ -37,7 +37,7 @@ def overlap(
     comm_state: Any = None,
     *,
     executor: str | Executor = "auto",
-    check_finite: bool = False,
+    check_finite: bool | str = False,
     clip_grad_value: float | None = None,
     clip_grad_norm: float | None = None,
     check_consistency_every: int = 0,
@@ -64,10 +64,12 @@ def overlap(
             torch default hook means the model's process group.
         executor: where updates run: ``"auto"`` (a worker thread on CPU, a side stream on
             CUDA), ``"thread"``, ``"inline"`` (in the completion callback), ``"stream"``.
-        check_finite: raise :class:`~overlap_sgd.hooks.NonFiniteGradientError` from
-            ``backward()`` on the first bucket whose gradients hold inf/NaN, leaving that
-            bucket's parameters and state untouched. Off by default, as post-backward steps
-            do not check either.
+        check_finite: leave every bucket whose gradients hold inf/NaN untouched (parameters
+            and state) and raise :class:`~overlap_sgd.hooks.NonFiniteGradientError` naming
+            them: from ``backward()`` on CPU; on CUDA from ``step()``, so that backward never
+            waits for the device (the verdict stays on the device and torch's fused kernels
+            skip the update there). ``"backward"`` or ``"step"`` chooses the place. Off by
+            default, as post-backward steps do not check either.
         clip_grad_value: clamp each gradient element to ``[-v, v]`` before the update.
         clip_grad_norm: rescale each *parameter's* gradient to L2 norm at most this value
             before the update (per parameter: a global norm needs every bucket, so it cannot be
@@ -127,8 +129,11 @@ def overlap(
         raise TypeError(f"comm_hook must be a DDP communication hook, got {comm_hook!r}")
     if not isinstance(executor, (str, Executor)):
         raise TypeError(f"executor must be a str or an Executor, got {type(executor).__name__}")
-    if not isinstance(check_finite, bool):
-        raise TypeError(f"check_finite must be a bool, got {type(check_finite).__name__}")
+    if isinstance(check_finite, str):
+        if check_finite not in ("backward", "step"):
+            raise ValueError(f"check_finite must be a bool, 'backward' or 'step', got {check_finite!r}")
+    elif not isinstance(check_finite, bool):
+        raise TypeError(f"check_finite must be a bool, 'backward' or 'step', got {type(check_finite).__name__}")
     if not isinstance(grad_views, bool):
         raise TypeError(f"grad_views must be a bool, got {type(grad_views).__name__}")
     clip = GradClip(clip_grad_value, clip_grad_norm)

@@ -67,7 +67,7 @@ def test_without_defer_updates_run_while_backward_is_still_producing():
         ex.close()
 
 
-@pytest.mark.parametrize("make", [ThreadExecutor, InlineExecutor], ids=["thread", "inline"])
+@pytest.mark.parametrize("make", [ThreadExecutor, lambda: InlineExecutor("cpu")], ids=["thread", "inline"])
 def test_an_update_error_fails_the_returned_future(make):
     ex = make()
 

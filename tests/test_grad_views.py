@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -112,25 +113,34 @@ def test_ddp_copies_no_bucket_into_grad() -> None:
 
 class _Strided(torch.nn.Module):
     """A channels_last convolution and a transposed (non-contiguous, dense) matrix: DDP lays
-    out their gradients in the bucket with the parameters' own strides."""
+    out their gradients in the bucket with the parameters' own strides. And a matrix with gaps
+    between its elements (not dense), whose gradient DDP lays out row-major: torch's fused
+    kernels, which index a parameter and its gradient by the same memory offsets, cannot
+    update it."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
         self.mat = torch.nn.Parameter(torch.randn(4, 6).t())  # shape (6, 4), strides (1, 6)
+        self.gap = torch.nn.Parameter(torch.randn(6, 8)[:, ::2])  # shape (6, 4), strides (8, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(self.conv(x.to(memory_format=torch.channels_last)))
-        return h.mean(dim=(2, 3)) @ self.mat.t()
+        h = torch.tanh(self.conv(x.to(memory_format=torch.channels_last))).mean(dim=(2, 3))
+        return h @ self.mat.t() + torch.tanh(h @ self.gap.t())
 
 
-def _strided_parity(rank: int, world_size: int) -> int:
+def _strided_parity(rank: int, world_size: int, optimizer: str) -> int:
     torch.manual_seed(0)
     net = _Strided()
     assert not net.mat.is_contiguous() and not net.conv.weight.is_contiguous()
+    assert net.gap.stride() == (8, 2)
     ref, ovl = DDP(twin(net), bucket_cap_mb=25), DDP(net, bucket_cap_mb=25)
-    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
-    opt = overlap_sgd.overlap(ovl, torch.optim.SGD(ovl.parameters(), lr=0.1, momentum=0.9))
+    make = {
+        "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+        "adam": lambda ps: torch.optim.Adam(ps, lr=0.01),
+    }[optimizer]
+    ref_opt = make(ref.parameters())
+    opt = overlap_sgd.overlap(ovl, make(ovl.parameters()))
     initial = [p.detach().clone() for p in ovl.parameters()]
     g = torch.Generator().manual_seed(rank)
     for _ in range(4):
@@ -148,8 +158,9 @@ def _strided_parity(rank: int, world_size: int) -> int:
     return len(initial)
 
 
-def test_parameters_with_their_own_strides_keep_parity() -> None:
-    assert run_distributed(_strided_parity, 2) == [3, 3]
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_parameters_with_their_own_strides_keep_parity(optimizer: str) -> None:
+    assert run_distributed(_strided_parity, 2, optimizer) == [4, 4]
 
 
 def _clip_then_eval(rank: int, world_size: int) -> list[str]:

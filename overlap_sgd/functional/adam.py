@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim.adam import adam
 
-from .base import FunctionalOptimizer, KernelChoice, divide_first, fused_supported, new_step
+from .base import FunctionalOptimizer, KernelChoice, divide_first, fused_supported, new_step, skip_on_host
 
 __all__ = ["FunctionalAdam", "FunctionalAdamW"]
 
@@ -34,6 +34,7 @@ class FunctionalAdam(FunctionalOptimizer):
 
     torch_optimizer = torch.optim.Adam
     folds_grad_scale = True
+    takes_found_inf = True
 
     def __init__(
         self,
@@ -63,11 +64,22 @@ class FunctionalAdam(FunctionalOptimizer):
             decoupled_weight_decay=decoupled_weight_decay,
         )
 
+    def _has_state(self, group: dict[str, Any], params: list[Tensor], cache: dict[str, Any]) -> bool:
+        """Whether every parameter already has its Adam state (no new state to create)."""
+        if self._cached_state(cache, self._signature(group)) is not None:
+            return True
+        state = self.state
+        return all(len(state.get(p, ())) > 0 for p in params)
+
+    @staticmethod
+    def _signature(group: dict[str, Any]) -> tuple[bool, bool, bool]:
+        return (bool(group["amsgrad"]), bool(group.get("fused")), bool(group.get("capturable")))
+
     def _state_lists(
         self, group: dict[str, Any], params: list[Tensor], cache: dict[str, Any]
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], bool]:
         amsgrad = bool(group["amsgrad"])
-        signature = (amsgrad, bool(group.get("fused")), bool(group.get("capturable")))
+        signature = self._signature(group)
         lists = self._cached_state(cache, signature)
         if lists is not None:
             return lists
@@ -101,20 +113,30 @@ class FunctionalAdam(FunctionalOptimizer):
         grads: list[Tensor],
         cache: dict[str, Any],
         grad_scale: Tensor | None = None,
+        found_inf: Tensor | None = None,
     ) -> None:
+        if found_inf is not None and not self._has_state(group, params, cache):
+            # A skipped first step must not create state: decide on the host before that.
+            if skip_on_host(found_inf):
+                return
+            found_inf = None
         steps, exp_avgs, exp_avg_sqs, max_sqs, has_complex = self._state_lists(group, params, cache)
         fused_ok = cache.get("fused_ok")
         if fused_ok is None:
             # Only on CPU does the fused kernel share torch's default state layout (a CPU
             # float32 step counter); elsewhere it would need the step on the device.
             fused_ok = cache["fused_ok"] = (
-                cache.get("fast", False) and not has_complex and fused_supported(params, ("cpu",))
+                cache.get("fast", False) and not has_complex and fused_supported(params, grads, ("cpu",))
                 and all(s.device.type == "cpu" and s.dtype == torch.float32 for s in steps)
             )
         kernel = KernelChoice.for_group(group, sparse=False, fused_ok=fused_ok)
         if grad_scale is not None and kernel != KernelChoice.FUSED:
             divide_first(grads, grad_scale, cache)
             grad_scale = None
+        if found_inf is not None and kernel != KernelChoice.FUSED:
+            if skip_on_host(found_inf):
+                return
+            found_inf = None
         beta1, beta2 = group["betas"]
         adam(
             params,
@@ -128,7 +150,7 @@ class FunctionalAdam(FunctionalOptimizer):
             differentiable=False,
             fused=kernel == KernelChoice.FUSED,
             grad_scale=grad_scale,
-            found_inf=None,
+            found_inf=found_inf,
             has_complex=has_complex,
             decoupled_weight_decay=group["decoupled_weight_decay"],
             amsgrad=group["amsgrad"],

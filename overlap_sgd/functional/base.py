@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["FunctionalOptimizer", "KernelChoice", "divide", "divide_first"]
+__all__ = ["FunctionalOptimizer", "KernelChoice", "dense", "divide", "divide_first", "fused_supported", "skip_on_host"]
 
 
 class KernelChoice:
@@ -87,9 +87,31 @@ def divide_first(grads: Sequence[Tensor], grad_scale: Tensor, cache: dict[str, A
     divide(grads, grad_scale)
 
 
-def fused_supported(params: list[Tensor], devices: tuple[str, ...]) -> bool:
-    """Whether torch's fused kernels can update ``params`` (floating point, on ``devices``)."""
-    return all(p.device.type in devices and torch.is_floating_point(p) for p in params)
+def dense(t: Tensor) -> bool:
+    """Whether ``t`` is non-overlapping and dense: its strides, ordered, pack its elements
+    without gaps (contiguous, channels_last, a transposed matrix; not ``x[:, ::2]``)."""
+    expected = 1
+    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def skip_on_host(found_inf: Tensor | None) -> bool:
+    """Whether ``found_inf`` is set, read on the host: for updates that cannot skip on the device."""
+    return found_inf is not None and bool(found_inf)
+
+
+def fused_supported(params: list[Tensor], grads: list[Tensor], devices: tuple[str, ...]) -> bool:
+    """Whether torch's fused kernels can update ``params`` with ``grads``: floating point, on
+    ``devices``, each parameter dense and laid out exactly like its gradient. The fused
+    kernels walk a parameter, its gradient and its state by the same memory offsets; given
+    anything else they compute garbage (CPU) or refuse (CUDA)."""
+    return all(
+        p.device.type in devices and torch.is_floating_point(p) and dense(p) and p.stride() == g.stride()
+        for p, g in zip(params, grads)
+    )
 
 
 class FunctionalOptimizer:
@@ -275,6 +297,7 @@ class FunctionalOptimizer:
         grads: list[Tensor],
         cache: dict[str, Any] | None = None,
         grad_scale: Tensor | None = None,
+        found_inf: Tensor | None = None,
     ) -> None:
         """Update ``params`` of group ``group_index`` with ``grads`` in one kernel call.
 
@@ -300,20 +323,33 @@ class FunctionalOptimizer:
             >>> opt.update(0, [w], [g], grad_scale=torch.tensor(2.0))
             >>> w.detach(), g
             (tensor([-1., -1.]), tensor([2., 2.]))
+
+        ``found_inf`` (a 0-dim float32 tensor on the gradients' device, as torch's fused
+        kernels take it) makes the update a no-op, parameters and state untouched, where it
+        is nonzero. A fused kernel decides that on the device; any other update reads it on
+        the host first (on CUDA, a wait for the device).
         """
         group = self._holder.param_groups[group_index]
         cache = cache if cache is not None else {}
         with torch.no_grad():
+            if found_inf is not None and not self.takes_found_inf:
+                if skip_on_host(found_inf):
+                    return
+                found_inf = None
             if grad_scale is not None and not self.folds_grad_scale:
                 divide_first(grads, grad_scale, cache)
                 grad_scale = None
-            if grad_scale is None:
-                self._update(group, params, grads, cache)
-            else:
-                self._update(group, params, grads, cache, grad_scale)
+            extra: dict[str, Tensor] = {}
+            if grad_scale is not None:
+                extra["grad_scale"] = grad_scale
+            if found_inf is not None:
+                extra["found_inf"] = found_inf
+            self._update(group, params, grads, cache, **extra)
 
     #: Whether :meth:`_update` accepts ``grad_scale`` (and divides by it itself).
     folds_grad_scale: ClassVar[bool] = False
+    #: Whether :meth:`_update` accepts ``found_inf`` (and skips the update where it is set).
+    takes_found_inf: ClassVar[bool] = False
 
     def _update(
         self,

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim.sgd import sgd
 
-from .base import FunctionalOptimizer, KernelChoice, divide_first, fused_supported
+from .base import FunctionalOptimizer, KernelChoice, divide_first, fused_supported, skip_on_host
 
 __all__ = ["FunctionalSGD"]
 
@@ -37,6 +37,7 @@ class FunctionalSGD(FunctionalOptimizer):
     torch_optimizer = torch.optim.SGD
     supports_sparse = True
     folds_grad_scale = True
+    takes_found_inf = True
 
     def __init__(
         self,
@@ -69,12 +70,13 @@ class FunctionalSGD(FunctionalOptimizer):
         grads: list[Tensor],
         cache: dict[str, Any],
         grad_scale: Tensor | None = None,
+        found_inf: Tensor | None = None,
     ) -> None:
         momentum = group["momentum"]
         sparse = cache.get("sparse")
         if sparse is None:
             sparse = cache["sparse"] = any(g.is_sparse for g in grads)
-            cache["fused_ok"] = cache.get("fast", False) and fused_supported(params, _FUSED_DEVICES)
+            cache["fused_ok"] = cache.get("fast", False) and fused_supported(params, grads, _FUSED_DEVICES)
         kernel = KernelChoice.for_group(group, sparse, cache["fused_ok"])
         if grad_scale is not None and kernel != KernelChoice.FUSED:
             divide_first(grads, grad_scale, cache)
@@ -92,6 +94,11 @@ class FunctionalSGD(FunctionalOptimizer):
             signature = (True,)
             bufs = self._cached_state(cache, signature)
             if bufs is None:
+                # A skipped first step must not create momentum buffers (the fused kernel
+                # would leave new ones unwritten): decide on the host before touching state.
+                if skip_on_host(found_inf):
+                    return
+                found_inf = None
                 state = self.state
                 bufs = [state[p].get("momentum_buffer") for p in params]
                 fresh = True
@@ -104,6 +111,10 @@ class FunctionalSGD(FunctionalOptimizer):
                             group, [params[i] for i in idx], [grads[i] for i in idx], {}, grad_scale
                         )
                     return
+        if found_inf is not None and kernel != KernelChoice.FUSED:
+            if skip_on_host(found_inf):
+                return
+            found_inf = None
         sgd(
             params,
             grads,
@@ -112,7 +123,7 @@ class FunctionalSGD(FunctionalOptimizer):
             foreach=kernel == KernelChoice.FOREACH,
             fused=kernel == KernelChoice.FUSED,
             grad_scale=grad_scale,
-            found_inf=None,
+            found_inf=found_inf,
             weight_decay=group["weight_decay"],
             momentum=momentum,
             lr=group["lr"],

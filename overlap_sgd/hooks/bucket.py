@@ -11,6 +11,7 @@ parameters.
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..functional import FunctionalOptimizer
-from ..functional.base import divide
+from ..functional.base import dense, divide
 from .clip import GradClip
 
 __all__ = ["BucketPlan", "Owner", "Part", "Segment"]
@@ -95,6 +96,7 @@ class BucketPlan:
         self._unowned: dict[tuple[int, int], list[int]] = {}
         self._views_lock = threading.Lock()
         self._scale: tuple[int, Tensor] | None = None
+        self._unit: Tensor | None = None
         by_owner: dict[tuple[int, int], Segment] = {}
         for pos, p in enumerate(self.params):
             own = owner(p)
@@ -108,6 +110,8 @@ class BucketPlan:
             seg.params.append(p)
         #: Every optimizer here divides summed gradients inside its own kernel.
         self.folds_grad_scale = all(seg.optimizer.folds_grad_scale for seg in self.segments)
+        #: Every optimizer's ``update`` takes ``found_inf`` (a subclass may override it without).
+        self.takes_found_inf = all(_takes_found_inf(type(seg.optimizer)) for seg in self.segments)
         if self.sparse:
             for seg in self.segments:
                 if not seg.optimizer.supports_sparse:
@@ -163,7 +167,8 @@ class BucketPlan:
         """``world_size`` as the 0-dim float32 tensor on the bucket's device that the fused
         kernels take as ``grad_scale`` (made once per plan)."""
         if self._scale is None or self._scale[0] != world_size:
-            value = torch.tensor(float(world_size), dtype=torch.float32, device=self.device)
+            # A fill on the device, not a copy from the host (which would wait for the device).
+            value = torch.full((), float(world_size), dtype=torch.float32, device=self.device)
             self._scale = (world_size, value)
         return self._scale[1]
 
@@ -198,7 +203,7 @@ class BucketPlan:
         views, offset = [], 0
         for p in self.params:
             n = p.numel()
-            if p.is_contiguous() or not _dense(p):
+            if p.is_contiguous() or not dense(p):
                 views.append(flat[offset : offset + n].view(p.shape))
             else:  # DDP lays such a gradient out with the parameter's own strides
                 views.append(flat.as_strided(p.shape, p.stride(), flat.storage_offset() + offset))
@@ -212,6 +217,7 @@ class BucketPlan:
         clip: GradClip | None = None,
         part: Part | None = None,
         grad_scale: Tensor | None = None,
+        found_inf: Tensor | None = None,
     ) -> None:
         """Update every segment (of ``part``, if given) with the gradients in ``result``.
 
@@ -226,6 +232,9 @@ class BucketPlan:
         that DDP hands the averaged gradients to ``.grad`` as usual: by the fused kernels that
         fold the division into the update, otherwise before the update; also when the
         update fails.
+
+        ``found_inf`` (a device flag from :meth:`non_finite`) skips every update where it is
+        set (see :meth:`~overlap_sgd.functional.base.FunctionalOptimizer.update`).
         """
         views = self.views(result)
         segments = self.segments if part is None else part.segments
@@ -233,8 +242,9 @@ class BucketPlan:
             self.divide(result, grad_scale, part)
             grad_scale = None
         if used is not None:
-            self._run_partial(segments, views, used, clip)
+            self._run_partial(segments, views, used, clip, found_inf)
             return
+        skip = {} if found_inf is None else {"found_inf": found_inf}
         unowned = self.unowned(part) if grad_scale is not None else ()
         if unowned:
             divide([views[i] for i in unowned], grad_scale)
@@ -247,7 +257,7 @@ class BucketPlan:
                 if clip is not None:
                     clip.apply(grads)
                 seg.cache.pop("divided", None)
-                seg.optimizer.update(seg.group_index, seg.params, grads, seg.cache, grad_scale=grad_scale)
+                seg.optimizer.update(seg.group_index, seg.params, grads, seg.cache, grad_scale=grad_scale, **skip)
                 done += 1
         except BaseException:
             if grad_scale is not None:
@@ -259,10 +269,19 @@ class BucketPlan:
             raise
 
     @staticmethod
-    def unused_flags(used: Tensor | None) -> list[int] | None:
-        """The per-parameter used flags as a list, or ``None`` when every parameter was used
-        (read once per update: on CUDA each read waits for the device)."""
-        return None if used is None or bool(used.all()) else used.tolist()
+    def unused_flags(local: Sequence[int] | None, reduced: Tensor | None) -> list[int] | None:
+        """Per-parameter used flags for :meth:`run`, or ``None`` when every parameter was used.
+
+        ``local`` are this rank's flags, known on the host; ``reduced`` the flags reduced over
+        the ranks. A parameter used here was used by some rank, so ``reduced`` is read (once;
+        on CUDA a wait for its small all-reduce) only when this rank left some parameter unused.
+        The answer is the same on every rank: ``None`` exactly when every parameter was used
+        by some rank.
+        """
+        if local is None or reduced is None or all(local):
+            return None
+        flags = reduced.tolist()
+        return None if all(flags) else flags
 
     def hand_out(
         self,
@@ -316,7 +335,12 @@ class BucketPlan:
         return cached
 
     def _run_partial(
-        self, segments: list[Segment], views: list[Tensor], used: list[int], clip: GradClip | None
+        self,
+        segments: list[Segment],
+        views: list[Tensor],
+        used: list[int],
+        clip: GradClip | None,
+        found_inf: Tensor | None = None,
     ) -> None:
         for seg in segments:
             params, grads = [], []
@@ -330,34 +354,49 @@ class BucketPlan:
             if params:
                 if clip is not None:
                     clip.apply(grads)
-                seg.optimizer.update(seg.group_index, params, grads, None)
+                skip = {} if found_inf is None else {"found_inf": found_inf}
+                seg.optimizer.update(seg.group_index, params, grads, None, **skip)
+
+    def owned_positions(self) -> list[int]:
+        """Positions of the parameters that an optimizer updates, in bucket order."""
+        return sorted(pos for seg in self.segments for pos in seg.positions)
 
     def check_finite(self, result: Tensor) -> list[str]:
-        """Names of the parameters whose gradient in ``result`` holds inf or NaN."""
+        """Names of the parameters whose gradient in ``result`` holds inf or NaN (read on the
+        host: on CUDA, a wait for the device)."""
         views = self.views(result)
         bad: list[str] = []
-        for seg in self.segments:
-            for pos in seg.positions:
-                g = views[pos]
-                if g.is_sparse:
-                    g = g.coalesce().values()
-                if not bool(torch.isfinite(g).all()):
-                    bad.append(self.names[pos])
+        for pos in self.owned_positions():
+            g = views[pos]
+            if g.is_sparse:
+                g = g.coalesce().values()
+            if not bool(torch.isfinite(g).all()):
+                bad.append(self.names[pos])
         return bad
+
+    def non_finite(self, result: Tensor) -> Tensor:
+        """A 0-dim float32 flag on the bucket's device, 1 where the gradient in ``result`` of
+        some updated parameter holds inf or NaN; computed on the device, never read here."""
+        views = self.views(result)
+        grads = [views[pos] for pos in self.owned_positions()]
+        found = torch.zeros((), dtype=torch.float32, device=self.device)
+        if grads:
+            # AMP's check: one multi-tensor kernel (it multiplies by 1, leaving values as they are).
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, self._one())
+        return found
+
+    def _one(self) -> Tensor:
+        if self._unit is None:
+            self._unit = torch.ones((), dtype=torch.float32, device=self.device)
+        return self._unit
+
+
+def _takes_found_inf(cls: type) -> bool:
+    params = inspect.signature(cls.update).parameters
+    return "found_inf" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def _key(t: Tensor) -> tuple[Any, ...] | None:
     if t.is_sparse:
         return None
     return (t.data_ptr(), t.numel(), t.dtype, t.device)
-
-
-def _dense(p: Tensor) -> bool:
-    """Whether ``p`` is non-overlapping and dense (so DDP mirrors its strides in the bucket):
-    its strides, ordered, pack its elements without gaps (channels_last, a transposed matrix)."""
-    expected = 1
-    for stride, size in sorted((st, n) for n, st in zip(p.shape, p.stride()) if n != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True

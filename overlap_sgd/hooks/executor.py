@@ -1,41 +1,63 @@
-"""Where a bucket's update runs once its communication has landed.
+"""Where a bucket's update runs once its communication has landed, and what that orders.
 
-A callback attached with ``Future.then`` runs on the thread that completes the future. For gloo
-that is the worker thread which also runs the next bucket's collective, so updating there would
-serialise the update with communication. Three executors:
+A callback attached to a communication future runs on the thread that completes it: for gloo
+the worker thread which also runs the next bucket's collective; for NCCL the autograd thread,
+when the collective is enqueued; for a custom comm hook, whichever thread completes its
+future, possibly much later. Three executors:
 
-- :class:`ThreadExecutor` (CPU default): one daemon thread per overlapped model runs the updates in
-  arrival order. The communication threads only enqueue, so later buckets keep communicating
-  while earlier ones are updated. The thread runs at the lowest priority, so that on a busy
-  CPU an update takes mostly processor time that communication and backward leave idle,
-  instead of slowing the communication it is meant to hide behind. The update of the bucket
-  that lands last, which backward waits for, runs at once at normal priority instead, possibly
-  while the worker still finishes an earlier bucket: two updates at once always touch disjoint
-  parameters, as with :class:`InlineExecutor`, whose callbacks gloo may run concurrently.
-- :class:`StreamExecutor` (CUDA default): the update is enqueued on a side stream that waits for the
-  bucket's communication; the default stream is joined to the side stream at the end of
-  backward, before the next forward can read the parameters.
-- :class:`InlineExecutor`: runs the update in the completion callback itself. Simplest; useful for
-  debugging and for comparing against the other two.
+- :class:`ThreadExecutor` (CPU default): one daemon thread per overlapped model runs the
+  updates in arrival order. The communication threads only enqueue, so later buckets keep
+  communicating while earlier ones are updated. The thread runs at the lowest priority, so
+  that on a busy CPU an update takes mostly processor time that communication and backward
+  leave idle. The update of the bucket that lands last, which backward waits for, runs at once
+  at normal priority instead, possibly while the worker still finishes an earlier bucket: two
+  updates at once always touch disjoint parameters, as with :class:`InlineExecutor`, whose
+  callbacks gloo may run concurrently. CPU parameters only.
+- :class:`StreamExecutor` (CUDA default): the update is enqueued on a side CUDA stream from
+  the completion callback (on the autograd thread for NCCL), so that it runs on the device
+  while later buckets' gradients are computed and communicated.
+- :class:`InlineExecutor`: runs the update in the completion callback itself, on the stream
+  current there. Simplest; useful for debugging and for comparing against the other two.
 
-Every executor returns the future DDP waits on. It completes after the update, with the
-communicated bucket as its value, or with the update's exception, which then surfaces from the
-user's ``backward()`` call instead of leaving the collective hanging.
+The ordering contract, the same for every executor and every comm hook:
+
+(a) **When an update may read its bucket.** Only once the host has seen the communication
+    future (and, with unused-parameter tracking, the used-flags future) complete, and, on
+    CUDA, on a stream that first waited for the events those futures carry
+    (:func:`~overlap_sgd.hooks.futures.landed`: ``Future.wait()``, which orders the stream
+    without blocking the host) and for the work the comm hook enqueued on the autograd stream
+    before returning. A comm hook whose future carries no CUDA events must therefore produce
+    its result on the stream that was current when it was called, as DDP requires anyway.
+(b) **What the returned future and the end of backward cover.** The future handed back to
+    DDP completes only after the update has run (CPU) or has been enqueued (CUDA); on CUDA it
+    is completed on the update's stream, so its events follow the update. DDP waits on every
+    bucket's future at the end of ``backward()``, on the stream that called ``backward()``:
+    from then on that stream (the next forward, ``.grad`` readers, ``optimizer.step()`` hooks)
+    is ordered after every update, however late the comm hook's future completed
+    (``static_graph``'s first iteration, a comm hook that completes on another thread, gloo on
+    CUDA tensors). The host may leave ``backward()`` before the device has run the updates,
+    as with any CUDA work.
+
+The future completes with the communicated bucket, or with the update's or the
+communication's exception, which then surfaces from the user's ``backward()`` call instead of
+leaving the collective hanging.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import queue
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor
 from torch.futures import Future
+
+from .futures import Completion, landed, tensor_of, when_all
 
 __all__ = [
     "Executor",
@@ -49,18 +71,6 @@ __all__ = [
 
 #: ``update(result, used)``: apply the bucket update; ``used`` is ``None`` or per-parameter flags.
 Update = Callable[[Tensor, "Tensor | None"], None]
-
-
-def tensor_of(value: Any) -> Tensor:
-    """The bucket tensor inside a comm-hook future's value (a Tensor or a one-element list)."""
-    if isinstance(value, Tensor):
-        return value
-    if isinstance(value, (list, tuple)) and len(value) == 1 and isinstance(value[0], Tensor):
-        return value[0]
-    raise TypeError(
-        "a DDP communication hook must return a Future of a Tensor (or of a one-element list of "
-        f"Tensors), got a Future of {type(value).__name__}"
-    )
 
 
 class Executor:
@@ -80,31 +90,74 @@ class Executor:
     def close(self) -> None:
         """Release the executor's resources (threads); pending updates still finish."""
 
-
-def _apply(comm: Future, used: Future | None, update: Update) -> Tensor:
-    result = tensor_of(comm.value())
-    flags = tensor_of(used.value()) if used is not None else None
-    with torch.no_grad():
-        update(result, flags)
-    return result
+    def place(self, device: torch.device) -> None:
+        """Called by :func:`make_executor` with the parameters' device before any update:
+        raise ``ValueError`` if this executor cannot run updates there."""
 
 
-def _unwrap(done: Future) -> Tensor:
-    value = done.value()
-    if isinstance(value, Exception):
-        raise value
-    return value
+def _launched(device: torch.device) -> "torch.cuda.Event | None":
+    """On CUDA, an event after the work the comm hook enqueued on the current (autograd)
+    stream before returning: what a future without CUDA events leaves unordered."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.current_stream(device).record_event()
 
 
-def _when_done(comm: Future, used: Future | None) -> Future:
-    return comm if used is None else torch.futures.collect_all([comm, used])
+def _run(
+    comm: Future,
+    used: Future | None,
+    update: Update,
+    done: Completion,
+    device: torch.device,
+    stream: "torch.cuda.Stream | None" = None,
+    launched: "torch.cuda.Event | None" = None,
+) -> None:
+    """Run ``update`` on ``stream`` (default: the current stream of ``device``), then complete
+    ``done`` on that stream, so that on CUDA ``done``'s events follow the update. Never raises."""
+    try:
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            if launched is not None:
+                torch.cuda.current_stream(device).wait_event(launched)
+            result, flags = landed(comm, used)
+            if stream is not None:
+                # The update reads the result on this stream: its memory must not be reused
+                # before the update has run, whichever stream allocated it.
+                result.record_stream(stream)
+            with torch.no_grad():
+                update(result, flags)
+            done.set_result(result)
+    except Exception as exc:
+        done.set_error(exc)
+
+
+def _futures(comm: Future, used: Future | None) -> list[Future]:
+    return [comm] if used is None else [comm, used]
 
 
 class InlineExecutor(Executor):
-    """Update inside the completion callback, on whichever thread completed the communication."""
+    """Update inside the completion callback, on whichever thread completed the communication,
+    on the stream current there (after waiting for the communication, see the module docs).
+
+    Args:
+        device: the parameters' device; ``None`` takes it from :meth:`place`.
+    """
+
+    def __init__(self, device: torch.device | str | None = None):
+        self._device = None if device is None else torch.device(device)
+
+    def place(self, device: torch.device) -> None:
+        if self._device is None:
+            self._device = device
+        elif self._device != device:
+            raise ValueError(f"this InlineExecutor was made for {self._device}, not {device}")
 
     def after(self, comm: Future, used: Future | None, update: Update) -> Future:
-        return _when_done(comm, used).then(lambda _: _apply(comm, used, update))
+        if self._device is None:
+            raise RuntimeError("InlineExecutor.place(device) must be called before after()")
+        done = Completion(self._device)
+        launched = _launched(self._device)
+        when_all(_futures(comm, used), lambda: _run(comm, used, update, done, self._device, None, launched))
+        return done.future
 
 
 class ThreadExecutor(Executor):
@@ -123,6 +176,9 @@ class ThreadExecutor(Executor):
     still computing gradients wait until the last bucket has been handed to communication
     (:meth:`hold` / :meth:`release`): on a CPU that computation is the critical path, since the
     later buckets cannot communicate before it produces them.
+
+    CPU parameters only: on CUDA the host thread would only enqueue the update, which the
+    :class:`StreamExecutor` does without a hand-off (:func:`make_executor` refuses it there).
     """
 
     def __init__(
@@ -142,6 +198,14 @@ class ThreadExecutor(Executor):
         # A new thread starts with OpenMP's default team size, not the one the training
         # process chose (torchrun sets 1 per rank): carry the creator's setting over.
         self._num_threads = torch.get_num_threads()
+
+    def place(self, device: torch.device) -> None:
+        if device.type != "cpu":
+            raise ValueError(
+                f"executor='thread' runs updates on a CPU worker thread and cannot order them "
+                f"with CUDA streams; parameters are on {device}: use executor='stream' (the "
+                "default there) or 'inline'"
+            )
 
     def _ensure_started(self) -> None:
         if self._thread is None or not self._thread.is_alive():
@@ -163,22 +227,15 @@ class ThreadExecutor(Executor):
 
     def after(self, comm: Future, used: Future | None, update: Update) -> Future:
         self._ensure_started()
-        # `task` completes `done` with the result or the exception it raised; `then`
-        # re-raises the latter, which marks the returned future as failed in C++, so DDP's
-        # wait in backward() raises it (Future.set_exception would hand DDP the exception
-        # object as if it were the bucket tensor).
-        done: Future = Future()
+        done = Completion(torch.device("cpu"))
 
         def task() -> None:
-            try:
-                done.set_result(_apply(comm, used, update))
-            except Exception as exc:
-                done.set_result(exc)
+            _run(comm, used, update, done, torch.device("cpu"))
 
         with self._lock:
             self._in_flight += 1
-        _when_done(comm, used).add_done_callback(lambda _: self._submit(task))
-        return done.then(_unwrap)
+        when_all(_futures(comm, used), lambda: self._submit(task))
+        return done.future
 
     def _submit(self, task: Callable[[], None]) -> None:
         with self._lock:
@@ -245,52 +302,70 @@ def lower_priority() -> bool:
 
 
 class StreamExecutor(Executor):
-    """Update on a CUDA side stream; the current stream joins it at the end of backward."""
+    """Update on a CUDA side stream, enqueued from the completion callback.
 
-    def __init__(self, device: torch.device):
+    The side stream waits for the communication (and the comm hook's own work on the
+    autograd stream) before the update, and the future handed back to DDP is completed on
+    it afterwards, so DDP's wait at the end of backward joins the caller's stream to every
+    update (see the module docs). Updates of different buckets run in the order their
+    communication lands, one after another on the one side stream.
+    """
+
+    def __init__(self, device: torch.device | str):
+        device = torch.device(device)
+        if device.type != "cuda":
+            raise ValueError(f"executor='stream' needs CUDA parameters, got device {device}")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         self._device = device
-        self._stream = torch.cuda.Stream(device=device)
-        self._join_queued = False
-        self._lock = threading.Lock()
+        self._stream = torch.cuda.Stream(device=self._device)
 
-    def _join(self) -> None:
-        torch.cuda.current_stream(self._device).wait_stream(self._stream)
-        self._join_queued = False
+    def place(self, device: torch.device) -> None:
+        if device != self._device:
+            raise ValueError(f"this StreamExecutor was made for {self._device}, not {device}")
 
-    def _queue_join(self) -> None:
-        # Called from the comm hook, on the autograd thread: the callback runs once backward ends.
-        with self._lock:
-            if not self._join_queued:
-                self._join_queued = True
-                torch.autograd.Variable._execution_engine.queue_callback(self._join)
+    @property
+    def stream(self) -> "torch.cuda.Stream":
+        """The side stream the updates run on."""
+        return self._stream
 
     def after(self, comm: Future, used: Future | None, update: Update) -> Future:
-        self._queue_join()
-        stream = self._stream
-
-        def on_done(_: Future) -> Tensor:
-            # Inside the callback the current stream already waits for the communication.
-            stream.wait_stream(torch.cuda.current_stream(self._device))
-            with torch.cuda.stream(stream):
-                return _apply(comm, used, update)
-
-        return _when_done(comm, used).then(on_done)
+        done = Completion(self._device)
+        launched = _launched(self._device)
+        when_all(
+            _futures(comm, used),
+            lambda: _run(comm, used, update, done, self._device, self._stream, launched),
+        )
+        return done.future
 
 
 def make_executor(kind: str | Executor, device: torch.device) -> Executor:
-    """Build the executor named ``kind`` (``"auto"``, ``"thread"``, ``"inline"``, ``"stream"``)."""
+    """The executor named ``kind`` (``"auto"``, ``"thread"``, ``"inline"``, ``"stream"``), or
+    the :class:`Executor` instance ``kind``, placed on ``device`` (the parameters' device).
+
+    Raises:
+        ValueError: an unknown name, or an executor that cannot run updates on ``device``
+            (``"thread"`` on CUDA, ``"stream"`` off CUDA).
+
+    Example:
+        >>> import torch
+        >>> type(make_executor("auto", torch.device("cpu"))).__name__
+        'ThreadExecutor'
+    """
+    device = torch.device(device)
     if isinstance(kind, Executor):
-        return kind
-    if kind == "auto":
-        kind = "stream" if device.type == "cuda" else "thread"
-    if kind == "thread":
-        return ThreadExecutor()
-    if kind == "inline":
-        return InlineExecutor()
-    if kind == "stream":
-        if device.type != "cuda":
-            raise ValueError(f"executor='stream' needs CUDA parameters, got device {device}")
-        return StreamExecutor(device)
-    raise ValueError(
-        f"executor must be 'auto', 'thread', 'inline', 'stream' or an Executor, got {kind!r}"
-    )
+        executor = kind
+    elif kind == "auto":
+        executor = StreamExecutor(device) if device.type == "cuda" else ThreadExecutor()
+    elif kind == "thread":
+        executor = ThreadExecutor()
+    elif kind == "inline":
+        executor = InlineExecutor()
+    elif kind == "stream":
+        executor = StreamExecutor(device)
+    else:
+        raise ValueError(
+            f"executor must be 'auto', 'thread', 'inline', 'stream' or an Executor, got {kind!r}"
+        )
+    executor.place(device)
+    return executor

@@ -30,7 +30,9 @@ from ..functional import FunctionalOptimizer
 from .bucket import BucketPlan, Part
 from .clip import GradClip
 from .executor import Executor, make_executor
-from .used import UsedTracker
+from .finite import FiniteCheck, NonFiniteGradientError
+from .futures import gather
+from .used import UsedLaunch, UsedTracker
 
 __all__ = [
     "NonFiniteGradientError",
@@ -51,20 +53,6 @@ _PROCESS_GROUP_HOOKS = (
 )
 
 
-class NonFiniteGradientError(FloatingPointError):
-    """A bucket's communicated gradient holds inf or NaN (raised with ``check_finite=True``)."""
-
-    def __init__(self, names: Sequence[str], bucket: int):
-        self.names = list(names)
-        self.bucket = bucket
-        shown = ", ".join(repr(n) for n in self.names[:8])
-        more = f" and {len(self.names) - 8} more" if len(self.names) > 8 else ""
-        super().__init__(
-            f"non-finite gradient in bucket {bucket} for {shown}{more}; "
-            "the bucket's parameters and optimizer state were left untouched"
-        )
-
-
 class OverlapHookState:
     """Everything the overlap hook needs, shared by all buckets of one DDP model.
 
@@ -79,8 +67,10 @@ class OverlapHookState:
         track_unused: track which parameters received gradients (``find_unused_parameters``).
         executor: where updates run: ``"auto"``, ``"thread"``, ``"inline"``, ``"stream"`` or an
             :class:`~overlap_sgd.hooks.executor.Executor`.
-        check_finite: raise :class:`NonFiniteGradientError` for a bucket with inf/NaN gradients,
-            leaving that bucket untouched.
+        check_finite: leave a bucket with inf/NaN gradients untouched and raise
+            :class:`NonFiniteGradientError`: ``True`` (from ``backward()``, or on CUDA with
+            ``require_step`` from ``step()``, which costs backward no wait for the device),
+            ``"backward"`` or ``"step"``; see :mod:`overlap_sgd.hooks.finite`.
         clip: per-parameter gradient clipping applied before each update
             (:class:`~overlap_sgd.hooks.clip.GradClip`).
         slice_mb: with the default all-reduce, communicate each bucket in slices of about this
@@ -112,7 +102,7 @@ class OverlapHookState:
         names: Optional[dict[int, str]] = None,
         track_unused: bool = False,
         executor: "str | Executor" = "auto",
-        check_finite: bool = False,
+        check_finite: "bool | str" = False,
         clip: Optional[GradClip] = None,
         require_step: bool = False,
         slice_mb: "float | str | None" = None,
@@ -129,7 +119,11 @@ class OverlapHookState:
         self.comm_state = comm_state
         self.process_group = process_group
         self.names = dict(names or {})
-        self.check_finite = check_finite
+        self.check_finite = bool(check_finite)
+        self.finite: Optional[FiniteCheck] = None
+        if check_finite:
+            where = "auto" if check_finite is True else check_finite
+            self.finite = FiniteCheck(where, deferrable=require_step)
         self.require_step = require_step
         self.slice_mb = slice_mb
         self.grad_views = grad_views
@@ -141,6 +135,8 @@ class OverlapHookState:
         self.used = UsedTracker(params) if track_unused else None
         self._executor_spec = executor
         self._executor: Optional[Executor] = None
+        if params:  # validate now, not at the first bucket inside backward()
+            self._executor = make_executor(executor, params[0].device)
         self._plans: dict[int, BucketPlan] = {}
         self._lock = threading.Lock()
         #: Per optimizer: an update happened that its ``step()`` has not acknowledged yet.
@@ -261,6 +257,8 @@ class OverlapHookState:
             )
         self.awaiting_step = [True] * len(self.optimizers)
         self.syncs += 1
+        if self.finite is not None:
+            self.finite.discard()
 
     def record_error(self, exc: Exception) -> None:
         """Keep the first error of this backward pass (a bucket update failed)."""
@@ -288,12 +286,24 @@ class OverlapHookState:
         self._record_probe()
         exc, self.pending_error = self.pending_error, None
         if exc is not None:
+            if self.finite is not None:
+                self.finite.discard()
             # The loop will not reach step() for this backward: do not demand one.
             self.awaiting_step = [False] * len(self.optimizers)
             raise exc
 
     def acknowledge_step(self, optimizer_index: int) -> None:
+        """``step()`` of overlapped optimizer ``optimizer_index`` was called for the last
+        backward. Raises :class:`NonFiniteGradientError` where that backward left a bucket
+        untouched whose verdict stayed on the device (``check_finite`` on CUDA)."""
         self.awaiting_step[optimizer_index] = False
+        if self.finite is not None:
+            try:
+                self.finite.raise_deferred()
+            except NonFiniteGradientError:
+                # The loop may not reach the other optimizers' step() for this backward.
+                self.awaiting_step = [False] * len(self.optimizers)
+                raise
 
     def _record_probe(self) -> None:
         """Remember the version of one updated parameter's gradient as backward left it."""
@@ -383,11 +393,13 @@ def overlap_hook(state: OverlapHookState, bucket: dist.GradBucket) -> torch.futu
             lambda: dist.all_reduce(bucket.buffer(), group=state.process_group, async_op=True).get_future(),
         )
         used = _launch_used(state, plan)
-        future = executor.after(comm, used, _updater(state, plan, grad_scale=state.grad_scale(plan)))
+        future = executor.after(
+            comm, _future(used), _updater(state, plan, used, grad_scale=state.grad_scale(plan))
+        )
     else:
         comm = state.comm_hook(state.comm_state, bucket)
         used = _launch_used(state, plan)
-        future = executor.after(comm, used, _updater(state, plan))
+        future = executor.after(comm, _future(used), _updater(state, plan, used))
     if bucket.is_last():
         executor.release()
     return future
@@ -401,38 +413,44 @@ def _labelled(name: str, launch: Callable[[], torch.futures.Future]) -> torch.fu
         return rf._call_end_callbacks_on_future(launch())
 
 
-def _launch_used(state: OverlapHookState, plan: BucketPlan) -> Optional[torch.futures.Future]:
+def _launch_used(state: OverlapHookState, plan: BucketPlan) -> Optional[UsedLaunch]:
     if state.used is None:
         return None
     return state.used.launch(plan.used_slots, plan.device, state.process_group)
 
 
+def _future(used: Optional[UsedLaunch]) -> Optional[torch.futures.Future]:
+    return None if used is None else used.future
+
+
 def _updater(
     state: OverlapHookState,
     plan: BucketPlan,
+    used_launch: Optional[UsedLaunch] = None,
     part: Optional[Part] = None,
     grad_scale: Optional[Tensor] = None,
 ):
     """The update a bucket (or one slice of it) runs once its communication has landed.
 
-    ``grad_scale``: the communication summed the gradients; the update averages them.
+    ``used_launch``: the bucket's used flags (unused-parameter tracking); ``grad_scale``: the
+    communication summed the gradients, and the update averages them.
     """
-    check, clip = state.check_finite, state.clip
+    local = None if used_launch is None else used_launch.local
+    finite, clip = state.finite, state.clip
     label = f"bucket{plan.index}/update" if part is None else f"bucket{plan.index}/update@{part.start}"
 
     def update(result: Tensor, flags: Optional[Tensor]) -> None:
         scale = grad_scale
-        used = plan.unused_flags(flags)
+        used = plan.unused_flags(local, flags)
         with torch.profiler.record_function(label):
             try:
-                if check:
+                found = None
+                if finite is not None:
                     if scale is not None:
                         plan.divide(result, scale, part)
                         scale = None
-                    bad = plan.check_finite(result)
-                    if bad:
-                        raise NonFiniteGradientError(bad, plan.index)
-                plan.run(result, used, clip, part, scale)
+                    found = finite.verdict(plan, result)
+                plan.run(result, used, clip, part, scale, found)
             except Exception as exc:
                 # Kept, not raised here: the bucket's future still completes, so DDP finishes
                 # the backward pass cleanly, and the error is raised with its own type at its end.
@@ -475,15 +493,11 @@ def _sliced(
             f"bucket{plan.index}/comm@{part.start}",
             lambda piece=piece: dist.all_reduce(piece, group=group, async_op=True).get_future(),
         )
-        update = _updater(state, plan, part, grad_scale=scale)
-        futures.append(executor.after(comm, used, _full_bucket(buffer, update)))
-
-    def joined(all_done: torch.futures.Future) -> Tensor:
-        for f in all_done.value():
-            f.value()  # re-raises a failed slice's communication error
-        return buffer
-
-    return torch.futures.collect_all(futures).then(joined)
+        update = _updater(state, plan, used, part, grad_scale=scale)
+        futures.append(executor.after(comm, _future(used), _full_bucket(buffer, update)))
+    # Completes once every slice was updated, with the bucket (on CUDA ordered after every
+    # slice's update), or fails with the first slice's error.
+    return gather(futures, buffer)
 
 
 def _full_bucket(buffer: Tensor, update):

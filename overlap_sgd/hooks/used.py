@@ -9,18 +9,45 @@ DDP only learns global usage after every bucket has launched, too late for an up
 bucket's hook. So the tracker records local use itself (a gradient hook per parameter) and
 reduces a small per-bucket flag vector alongside the bucket. The flags accumulate across
 ``no_sync()`` micro-steps, as DDP's own used-map does.
+
+A parameter this rank used was used by some rank: only for parameters this rank did not use
+does the update need the reduced flags, and only then does it read them (on CUDA, a wait for
+that small all-reduce). DDP's own reducer reads its used-map lazily in the same way.
+
+Example (inside an initialised process group, ``model`` a DDP model's module)::
+
+    tracker = UsedTracker(list(model.parameters()))
+    launch = tracker.launch(tracker.slots(bucket.parameters()), device, group)
+    launch.local          # this rank's flags, known on the host at once
+    launch.future         # the flags, max-reduced over the ranks
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.futures import Future
 
-__all__ = ["UsedTracker"]
+__all__ = ["UsedLaunch", "UsedTracker"]
+
+
+@dataclass(frozen=True)
+class UsedLaunch:
+    """One bucket's used flags: this rank's (host) and the reduction over ranks (in flight)."""
+
+    #: Per bucket parameter, 1 if this rank produced a gradient for it.
+    local: list[int]
+    #: Completes with the flags max-reduced over the ranks (an int32 tensor on the bucket's device).
+    future: Future
+
+    @property
+    def all_local(self) -> bool:
+        """Every parameter was used on this rank, so by some rank: no need for :attr:`future`."""
+        return all(self.local)
 
 
 class UsedTracker:
@@ -43,13 +70,25 @@ class UsedTracker:
         """Tracker slots of ``params``, for :meth:`launch`."""
         return [self._slot[id(p)] for p in params]
 
-    def launch(self, slots: Sequence[int], device: torch.device, group: dist.ProcessGroup | None) -> Future:
-        """Reduce (max over ranks) the flags of ``slots`` and clear them locally."""
+    def launch(
+        self, slots: Sequence[int], device: torch.device, group: dist.ProcessGroup | None
+    ) -> UsedLaunch:
+        """Start reducing (max over ranks) the flags of ``slots``, and clear them locally.
+
+        On CUDA the flags reach the device through pinned memory, without blocking the host
+        (the caching host allocator keeps the pinned block until the copy has run).
+        """
         flags = self._flags
-        local = torch.tensor([flags[i] for i in slots], dtype=torch.int32, device=device)
+        local = [flags[i] for i in slots]
         for i in slots:
             flags[i] = 0
-        return dist.all_reduce(local, op=dist.ReduceOp.MAX, group=group, async_op=True).get_future()
+        values = torch.tensor(local, dtype=torch.int32)
+        if device.type == "cuda":
+            values = values.pin_memory().to(device, non_blocking=True)
+        elif device.type != "cpu":
+            values = values.to(device)
+        future = dist.all_reduce(values, op=dist.ReduceOp.MAX, group=group, async_op=True).get_future()
+        return UsedLaunch(local, future)
 
     def remove(self) -> None:
         for h in self._handles:

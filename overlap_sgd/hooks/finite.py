@@ -1,0 +1,120 @@
+"""``check_finite``: keep a bucket whose communicated gradients hold inf or NaN untouched.
+
+Two ways to reach the verdict, the same outcome for the parameters:
+
+- ``"backward"``: each bucket's gradients are checked on the host before its update; a bad
+  bucket is not updated and :class:`NonFiniteGradientError` is raised from ``backward()``.
+  Free on CPU; on CUDA each check waits for the device.
+- ``"step"``: each bucket's verdict stays on the device (one flag per bucket, computed by one
+  multi-tensor kernel) and is handed to the update as ``found_inf``: torch's fused kernels
+  then skip the update on the device, so backward never waits for the device. The flags are
+  read once, by ``step()``, which raises the same error. (An update without a fused kernel
+  reads its flag on the host instead: see
+  :meth:`~overlap_sgd.functional.base.FunctionalOptimizer.update`.)
+
+``True`` chooses ``"step"`` on CUDA where an ``OverlappedOptimizer.step()`` follows each
+backward (it is what reads the flags), ``"backward"`` everywhere else.
+
+Example:
+    >>> import torch
+    >>> NonFiniteGradientError(["head.bias"], 3).names
+    ['head.bias']
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .bucket import BucketPlan
+
+__all__ = ["FiniteCheck", "NonFiniteGradientError", "WHERE"]
+
+#: Where a non-finite gradient can be reported: see the module docs.
+WHERE = ("backward", "step")
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A bucket's communicated gradient holds inf or NaN (raised with ``check_finite=True``)."""
+
+    def __init__(self, names: Sequence[str], bucket: int):
+        self.names = list(names)
+        self.bucket = bucket
+        shown = ", ".join(repr(n) for n in self.names[:8])
+        more = f" and {len(self.names) - 8} more" if len(self.names) > 8 else ""
+        super().__init__(
+            f"non-finite gradient in bucket {bucket} for {shown}{more}; "
+            "the bucket's parameters and optimizer state were left untouched"
+        )
+
+
+class FiniteCheck:
+    """The non-finite check of one overlapped model.
+
+    Args:
+        where: ``"backward"``, ``"step"``, or ``"auto"`` (``"step"`` on CUDA when
+            ``deferrable``, else ``"backward"``).
+        deferrable: a ``step()`` follows every synchronising backward and calls
+            :meth:`raise_deferred`.
+    """
+
+    def __init__(self, where: str = "auto", deferrable: bool = False):
+        if where not in WHERE + ("auto",):
+            raise ValueError(f"check_finite must be a bool, 'backward' or 'step', got {where!r}")
+        if where == "step" and not deferrable:
+            raise ValueError(
+                "check_finite='step' needs an optimizer step() to report from; a hook registered "
+                "by hand has none: use check_finite='backward'"
+            )
+        self.where = where
+        self._deferrable = deferrable
+        self._lock = threading.Lock()
+        #: (plan, communicated bucket, device flag) of the buckets updated since the last read.
+        self._deferred: list[tuple[BucketPlan, Tensor, Tensor]] = []
+
+    def on_device(self, plan: BucketPlan) -> bool:
+        """Whether ``plan``'s verdict stays on the device until ``step()``."""
+        if plan.sparse or not plan.takes_found_inf:
+            return False
+        if self.where == "auto":
+            return self._deferrable and plan.device.type == "cuda"
+        return self.where == "step"
+
+    def verdict(self, plan: BucketPlan, result: Tensor) -> Tensor | None:
+        """Check the (averaged) gradients of ``plan``'s bucket in ``result``.
+
+        Raises :class:`NonFiniteGradientError` now (host verdict), or returns the device flag
+        to pass to the update as ``found_inf`` (device verdict, read by :meth:`raise_deferred`).
+        """
+        if self.on_device(plan):
+            found = plan.non_finite(result)
+            with self._lock:
+                self._deferred.append((plan, result, found))
+            return found
+        bad = plan.check_finite(result)
+        if bad:
+            raise NonFiniteGradientError(bad, plan.index)
+        return None
+
+    def raise_deferred(self) -> None:
+        """Read the device verdicts of the last backward (one wait for the device) and raise
+        :class:`NonFiniteGradientError` for the first bad bucket, if any."""
+        with self._lock:
+            deferred, self._deferred = self._deferred, []
+        if not deferred:
+            return
+        flags = torch.stack([found for _, _, found in deferred]).tolist()
+        for (plan, result, _), bad in zip(deferred, flags):
+            if bad:
+                names = plan.check_finite(result) or [plan.names[p] for p in plan.owned_positions()]
+                raise NonFiniteGradientError(names, plan.index)
+
+    def discard(self) -> None:
+        """Forget verdicts nobody read (a backward that raised before its step)."""
+        with self._lock:
+            self._deferred = []
