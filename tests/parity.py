@@ -87,6 +87,29 @@ def fresh_allreduce(state, bucket):  # unannotated: DDP inspects hook annotation
     return fut.then(lambda f: f.value()[0] / dist.get_world_size(state))
 
 
+def late_allreduce(state, bucket):  # unannotated: DDP inspects hook annotations
+    """An averaged all-reduce whose future another thread completes a few milliseconds after
+    the collective finished: whatever waits on it must wait for that thread, not the collective."""
+    import threading
+    import time
+
+    import torch.distributed as dist
+
+    reduced = dist.all_reduce(bucket.buffer(), group=state, async_op=True).get_future()
+    late = torch.futures.Future()
+
+    def complete() -> None:
+        try:
+            result = reduced.wait()[0]
+            time.sleep(0.005)
+            late.set_result(result.div_(dist.get_world_size(state)))
+        except Exception as exc:
+            late.set_exception(exc)
+
+    threading.Thread(target=complete, daemon=True).start()
+    return late
+
+
 def _comm(scenario: Scenario, process_group: Any) -> tuple[Any, Any]:
     if scenario.comm is None:
         return None, None
@@ -96,6 +119,8 @@ def _comm(scenario: Scenario, process_group: Any) -> tuple[Any, Any]:
         return bf16_allreduce, process_group
     if scenario.comm == "fresh":
         return fresh_allreduce, process_group
+    if scenario.comm == "late":
+        return late_allreduce, process_group
     if scenario.comm == "powersgd":
         state = powersgd.PowerSGDState(
             process_group=process_group, matrix_approximation_rank=1, start_powerSGD_iter=2,

@@ -61,6 +61,14 @@ CASES = [
              ddp={"find_unused_parameters": True}, zero="zeros", steps=8),
     Scenario("grad-views-off", ADAMW, grad_views=False),
     Scenario("hook-returns-new-tensor-grads-kept", SGD, comm="fresh", zero="keep"),
+    # A comm hook whose future another thread completes after the collective: every update,
+    # DDP's end of backward and the next forward must wait for that thread.
+    Scenario("late-future-thread", ADAMW, comm="late"),
+    Scenario("late-future-inline", SGD, comm="late", executor="inline"),
+    Scenario("late-future-unused", ADAM, comm="late", net={"branch": True}, branch_rule="mixed",
+             ddp={"find_unused_parameters": True}, steps=8),
+    Scenario("late-future-static-graph", SGD_FUSED, comm="late", ddp={"static_graph": True},
+             grad_views=False),
 ]
 
 

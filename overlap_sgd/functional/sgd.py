@@ -94,14 +94,15 @@ class FunctionalSGD(FunctionalOptimizer):
             signature = (True,)
             bufs = self._cached_state(cache, signature)
             if bufs is None:
-                # A skipped first step must not create momentum buffers (the fused kernel
-                # would leave new ones unwritten): decide on the host before touching state.
-                if skip_on_host(found_inf):
-                    return
-                found_inf = None
                 state = self.state
-                bufs = [state[p].get("momentum_buffer") for p in params]
+                bufs = [state[p].get("momentum_buffer") if p in state else None for p in params]
                 fresh = True
+                if found_inf is not None and None in bufs:
+                    # A skipped first step must not create momentum buffers (the fused kernel
+                    # would leave new ones unwritten): decide on the host before touching state.
+                    if skip_on_host(found_inf):
+                        return
+                    found_inf = None
                 if kernel == KernelChoice.FUSED and None in bufs and any(b is not None for b in bufs):
                     # The fused kernel creates buffers for all parameters or for none: step
                     # the two kinds separately (a parameter unused so far has none yet).
