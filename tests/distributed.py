@@ -39,14 +39,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child(body, rank, world_size, port, pg_timeout, args, results) -> None:
+def _child(body, rank, world_size, port, pg_timeout, args, results, backend="gloo", gpu=None) -> None:
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     try:
+        if gpu is not None:
+            torch.cuda.set_device(gpu)
         dist.init_process_group(
-            "gloo",
+            backend,
             init_method=f"tcp://127.0.0.1:{port}",
             rank=rank,
             world_size=world_size,
@@ -73,17 +75,21 @@ def run_distributed(
     timeout: float = 90.0,
     pg_timeout: float = 60.0,
     may_die: tuple[int, ...] = (),
+    backend: str = "gloo",
+    gpu: int | None = None,
 ) -> list[Any]:
-    """Run ``body(rank, world_size, *args)`` on ``world_size`` gloo ranks; see the module docs.
+    """Run ``body(rank, world_size, *args)`` on ``world_size`` ranks; see the module docs.
 
     Ranks in ``may_die`` are allowed to end without reporting (their result is ``None``).
+    ``backend`` is the process-group backend (``"nccl"`` needs a GPU per rank); with ``gpu``
+    every rank makes that CUDA device its current one (for gloo: several ranks may share it).
     """
     port = free_port()
     results = _CTX.Queue()
     procs = [
         _CTX.Process(
             target=_child,
-            args=(body, rank, world_size, port, pg_timeout, args, results),
+            args=(body, rank, world_size, port, pg_timeout, args, results, backend, gpu),
             daemon=True,
         )
         for rank in range(world_size)

@@ -52,6 +52,8 @@ class Scenario:
     #: "keep" (never zeroed: gradients accumulate across synchronised steps).
     zero: str = "none"
     grad_views: bool = True
+    #: Where the models live ("cuda": the rank's current CUDA device).
+    device: str = "cpu"
     atol: float = 1e-6
     rtol: float = 1e-5
 
@@ -95,19 +97,55 @@ def late_allreduce(state, bucket):  # unannotated: DDP inspects hook annotations
 
     import torch.distributed as dist
 
-    reduced = dist.all_reduce(bucket.buffer(), group=state, async_op=True).get_future()
-    late = torch.futures.Future()
+    buffer = bucket.buffer()
+    reduced = dist.all_reduce(buffer, group=state, async_op=True).get_future()
+    late = torch.futures.Future(devices=[buffer.device] if buffer.is_cuda else None)
 
     def complete() -> None:
         try:
-            result = reduced.wait()[0]
-            time.sleep(0.005)
-            late.set_result(result.div_(dist.get_world_size(state)))
+            with torch.cuda.device(buffer.device) if buffer.is_cuda else nullcontext():
+                result = reduced.wait()[0]  # on CUDA: this thread's stream waits for it
+                time.sleep(0.005)
+                late.set_result(result.div_(dist.get_world_size(state)))
         except Exception as exc:
             late.set_exception(exc)
 
     threading.Thread(target=complete, daemon=True).start()
     return late
+
+
+class ScrambleState:
+    """State of :func:`scramble_allreduce`: the process group and a private CUDA stream."""
+
+    def __init__(self, process_group: Any):
+        self.process_group = process_group
+        self.stream = torch.cuda.Stream()
+
+
+#: Cycles the private stream of :func:`scramble_allreduce` sleeps (tens of milliseconds).
+SCRAMBLE_SLEEP_CYCLES = 50_000_000
+
+
+def scramble_allreduce(state, bucket):  # unannotated: DDP inspects hook annotations
+    """A CUDA race detector: the averaged all-reduce, after which the bucket is scrambled on the
+    current stream and restored, tens of milliseconds later, on a private stream; the returned
+    future (created with the device) completes on that stream. Whatever reads the bucket
+    without waiting for the future's CUDA events reads the scrambled values."""
+    import torch.distributed as dist
+
+    buffer = bucket.buffer()
+    dist.all_reduce(buffer, group=state.process_group, async_op=True).get_future().wait()
+    buffer.div_(dist.get_world_size(state.process_group))
+    truth = buffer.clone()
+    buffer.mul_(-3.0).add_(1.0)
+    state.stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(state.stream):
+        torch.cuda._sleep(SCRAMBLE_SLEEP_CYCLES)
+        buffer.copy_(truth)
+        truth.record_stream(state.stream)
+        restored = torch.futures.Future(devices=[buffer.device])
+        restored.set_result(buffer)
+    return restored
 
 
 def _comm(scenario: Scenario, process_group: Any) -> tuple[Any, Any]:
@@ -121,6 +159,8 @@ def _comm(scenario: Scenario, process_group: Any) -> tuple[Any, Any]:
         return fresh_allreduce, process_group
     if scenario.comm == "late":
         return late_allreduce, process_group
+    if scenario.comm == "scramble":
+        return scramble_allreduce, ScrambleState(process_group)
     if scenario.comm == "powersgd":
         state = powersgd.PowerSGDState(
             process_group=process_group, matrix_approximation_rank=1, start_powerSGD_iter=2,
@@ -159,8 +199,13 @@ def parity_body(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any
 
         update_hook.AUTO_MIN_SLICE_MB = scenario.auto_min_slice_mb
     torch.manual_seed(0)
-    net = Net(**scenario.net)
+    device = torch.device(scenario.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    net = Net(**scenario.net).to(device)
     kwargs = dict(bucket_cap_mb=scenario.bucket_cap_mb, **scenario.ddp)
+    if device.type == "cuda":
+        kwargs["device_ids"] = [device]
     ref = DDP(twin(net), **kwargs)
     ovl = DDP(net, **kwargs)
     hook, hook_state = _comm(scenario, ref.process_group)
@@ -185,7 +230,7 @@ def parity_body(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any
 
     initial = {n: p.detach().clone() for n, p in ovl.module.named_parameters()}
     grad_views = 0
-    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if scenario.autocast else nullcontext
+    ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if scenario.autocast else nullcontext
     for step in range(scenario.steps):
         if scenario.swap_state_at == step:
             # State dicts interchange: each side continues from the other's state.
@@ -199,7 +244,7 @@ def parity_body(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any
         views = 0
         for model, optimizers in ((ref, ref_opts), (ovl, opts)):
             for micro in range(scenario.accumulate):
-                x, y = batch(step * scenario.accumulate + micro, rank)
+                x, y = (t.to(device) for t in batch(step * scenario.accumulate + micro, rank))
                 use = _uses_branch(scenario.branch_rule, step, rank)
                 sync = micro == scenario.accumulate - 1
                 with (nullcontext() if sync else model.no_sync()):

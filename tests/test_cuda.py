@@ -1,0 +1,219 @@
+"""The CUDA path: stream ordering, parity on NCCL and gloo, and no host syncs in backward.
+
+Runs wherever CUDA is available (``tools/gpu_check.sh`` runs it on a GPU machine) and is
+skipped otherwise. Every case compares against DDP with a post-backward ``torch.optim`` step
+(:mod:`tests.parity`), so an update that reads its bucket too early, or a forward that runs
+before the updates finished, shows as a difference.
+
+The two race detectors and what they catch:
+
+- ``scramble``: the comm hook scrambles the bucket after its all-reduce and restores it tens
+  of milliseconds later on a private stream, returning a future with CUDA events. An update
+  that does not wait for those events reads scrambled gradients. (With unused-parameter
+  tracking, a hook that joined the bucket's and the flags' futures with ``collect_all``,
+  which carries no events, read them.)
+- ``late``: the comm hook's future is completed by another thread a few milliseconds after
+  the collective, and every update sleeps on the device before it writes (``SleepySGD``).
+  A hook that joined the caller's stream to the update stream once, at the end of backward,
+  before the late callbacks had enqueued the updates, let the next forward read parameters
+  the updates had not written yet; DDP's own wait on a future completed on a stream the
+  update did not order did not help either.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from functools import partial
+
+import pytest
+import torch
+
+import overlap_sgd
+from overlap_sgd.functional import FunctionalSGD
+from tests.distributed import run_distributed
+from tests.parity import Scenario, check_moved, parity_many
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+#: Cycles each ``SleepySGD`` update sleeps on the device before its kernel (~10 ms).
+SLEEP_CYCLES = 20_000_000
+
+
+class SleepySGD(torch.optim.SGD):
+    """``torch.optim.SGD`` whose overlapped update first stalls its stream (see the module docs)."""
+
+
+class FunctionalSleepySGD(FunctionalSGD):
+    torch_optimizer = SleepySGD
+
+    def _update(self, group, params, grads, cache, grad_scale=None, found_inf=None):
+        torch.cuda._sleep(SLEEP_CYCLES)
+        super()._update(group, params, grads, cache, grad_scale, found_inf)
+
+
+def _register_sleepy() -> None:
+    if SleepySGD not in overlap_sgd.registered():
+        overlap_sgd.register(SleepySGD, FunctionalSleepySGD)
+
+
+def _cuda_parity(rank: int, world_size: int, scenarios: list[Scenario]) -> list[dict]:
+    _register_sleepy()
+    return parity_many(rank, world_size, scenarios)
+
+
+SGD = partial(torch.optim.SGD, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)
+ADAM = partial(torch.optim.Adam, lr=0.01, amsgrad=True)
+ADAMW = partial(torch.optim.AdamW, lr=0.01, weight_decay=0.1)
+RMSPROP = partial(torch.optim.RMSprop, lr=0.01)  # the generic path: its own step, per bucket
+SLEEPY = partial(SleepySGD, lr=0.05, momentum=0.9)
+OPTIMIZERS = {"sgd": SGD, "adam-amsgrad": ADAM, "adamw": ADAMW, "rmsprop-generic": RMSPROP}
+
+
+def _matrix() -> list[Scenario]:
+    rows = []
+    for name, make in OPTIMIZERS.items():
+        for unused in (False, True):
+            for bucket_view in (False, True):
+                for views in ((True, False) if not bucket_view else (True,)):
+                    extra = {"net": {"branch": True}, "branch_rule": "mixed", "steps": 8} if unused else {}
+                    rows.append(Scenario(
+                        f"{name}-unused{int(unused)}-bucketview{int(bucket_view)}-views{int(views)}",
+                        make, world_size=1, device="cuda", grad_views=views,
+                        ddp={"find_unused_parameters": unused, "gradient_as_bucket_view": bucket_view},
+                        **extra,
+                    ))
+    return rows
+
+
+def _check(results: list[list[dict]]) -> None:
+    for per_rank in results:
+        for r in per_rank:
+            check_moved(r)
+
+
+def test_parity_on_nccl() -> None:
+    _check(run_distributed(_cuda_parity, 1, _matrix(), backend="nccl", gpu=0, timeout=600))
+
+
+RACES = [
+    Scenario("scramble", SGD, comm="scramble"),
+    Scenario("scramble-unused", SGD, comm="scramble", net={"branch": True}, branch_rule="mixed",
+             ddp={"find_unused_parameters": True}, steps=8),
+    Scenario("scramble-inline", ADAMW, comm="scramble", executor="inline",
+             ddp={"find_unused_parameters": True}),
+    Scenario("late-sleepy", SLEEPY, comm="late"),
+    Scenario("late-sleepy-grad-copies", SLEEPY, comm="late", grad_views=False),
+    Scenario("late-sleepy-unused", SLEEPY, comm="late", net={"branch": True}, branch_rule="mixed",
+             ddp={"find_unused_parameters": True}, steps=8),
+    Scenario("sleepy-own-allreduce", SLEEPY),
+    Scenario("sleepy-sliced", SLEEPY, slice_mb=0.001, bucket_cap_mb=0.01),
+]
+
+
+@pytest.mark.parametrize("scenario", RACES, ids=[s.name for s in RACES])
+def test_race_detectors_on_nccl(scenario: Scenario) -> None:
+    scenario = replace(scenario, world_size=1, device="cuda")
+    _check(run_distributed(_cuda_parity, 1, [scenario], backend="nccl", gpu=0, timeout=300))
+
+
+GLOO_ON_ONE_GPU = [
+    Scenario("gloo-sgd", SGD),
+    Scenario("gloo-adamw-unused", ADAMW, net={"branch": True}, branch_rule="mixed",
+             ddp={"find_unused_parameters": True}, steps=8),
+    Scenario("gloo-sleepy-late", SLEEPY, comm="late"),
+    # DDP's delayed all-reduce in static_graph's first iteration runs the hooks and copies
+    # the buckets into .grad right away: the copy must wait for each update, which divides
+    # the summed gradients in place (after the sleep).
+    Scenario("gloo-static-graph-first-iteration", SLEEPY, ddp={"static_graph": True}, grad_views=False),
+]
+
+
+def test_two_gloo_ranks_on_one_gpu() -> None:
+    # NCCL refuses two ranks on one device; gloo reduces CUDA tensors through the host.
+    rows = [replace(s, device="cuda") for s in GLOO_ON_ONE_GPU]
+    _check(run_distributed(_cuda_parity, 2, rows, backend="gloo", gpu=0, timeout=600))
+
+
+def _sync_free_backward(rank: int, world_size: int, config: str) -> dict:
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from tests.models import Net, batch
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    torch.manual_seed(0)
+    ddp_kwargs = {"find_unused_parameters": config == "find-unused"}
+    model = DDP(Net(depth=6).to(device), device_ids=[device], bucket_cap_mb=0.002, **ddp_kwargs)
+    if config == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    elif config == "adamw-fused-check-finite":
+        opt = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    opt = overlap_sgd.overlap(model, opt, check_finite=config.endswith("check-finite"))
+    before = [p.detach().clone() for p in model.parameters()]
+    errors = []
+    for step in range(6):
+        x, y = (t.to(device) for t in batch(step, rank))
+        loss = F.mse_loss(model(x), y)
+        torch.cuda.synchronize()
+        watched = step >= 3  # after the first steps built state and settled DDP's buckets
+        if watched:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss.backward()
+        except RuntimeError as exc:
+            errors.append(f"step {step}: {exc}")
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        opt.step()
+        opt.zero_grad()
+    torch.cuda.synchronize()
+    moved = all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    return {"errors": errors, "moved": moved, "finite": finite}
+
+
+@pytest.mark.parametrize("config", ["sgd", "adamw", "find-unused", "sgd-check-finite", "adamw-fused-check-finite"])
+def test_backward_never_waits_for_the_device(config: str) -> None:
+    # find_unused_parameters=True with every parameter used: DDP itself reads its used-map only
+    # for a parameter this rank did not use, and so does the overlap.
+    (r,) = run_distributed(_sync_free_backward, 1, config, backend="nccl", gpu=0, timeout=180)
+    assert r["errors"] == [], r["errors"]
+    assert r["moved"] and r["finite"]
+
+
+def _check_finite_on_cuda(rank: int, world_size: int) -> dict:
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from tests.models import Net, batch
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    torch.manual_seed(0)
+    model = DDP(Net().to(device), device_ids=[device], bucket_cap_mb=0.002)
+    opt = overlap_sgd.overlap(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+                              check_finite=True)
+    for step in range(2):
+        x, y = (t.to(device) for t in batch(step, rank))
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    before = model.module.head.bias.detach().clone()
+    handle = model.module.head.bias.register_hook(lambda g: g + float("nan"))
+    x, y = (t.to(device) for t in batch(2, rank))
+    F.mse_loss(model(x), y).backward()  # on CUDA the verdict is read by step(), not here
+    handle.remove()
+    try:
+        opt.step()
+    except overlap_sgd.NonFiniteGradientError as exc:
+        message = str(exc)
+    else:
+        message = ""
+    return {"message": message, "untouched": torch.equal(before, model.module.head.bias.detach())}
+
+
+def test_check_finite_reports_from_step_on_cuda() -> None:
+    (r,) = run_distributed(_check_finite_on_cuda, 1, backend="nccl", gpu=0, timeout=180)
+    assert "'head.bias'" in r["message"], r
+    assert r["untouched"]
