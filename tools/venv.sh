@@ -1,24 +1,32 @@
 #!/usr/bin/env bash
 # Run a command inside the project's virtual environment (.venv), creating or
-# refreshing it first when pyproject.toml or constraints.txt changed.
+# refreshing it first when pyproject.toml or the constraints file changed.
 #
 #   bash tools/venv.sh torchrun --standalone --nproc-per-node 2 examples/train_ddp.py
 #   bash tools/venv.sh python -m pytest
+#
+# OVERLAP_SGD_VENV and OVERLAP_SGD_CONSTRAINTS pick another venv and pins, e.g. the oldest
+# supported torch:
+#
+#   OVERLAP_SGD_VENV=.venv-oldest OVERLAP_SGD_CONSTRAINTS=constraints-oldest.txt \
+#       bash tools/venv.sh python -m pytest
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-venv="${OVERLAP_SGD_VENV:-$root/.venv}"
+venv="${OVERLAP_SGD_VENV:-.venv}"
+case "$venv" in /*) ;; *) venv="$root/$venv" ;; esac
 python="${PYTHON:-python3}"
+constraints="$root/${OVERLAP_SGD_CONSTRAINTS:-constraints.txt}"
 stamp="$venv/.overlap-sgd-stamp"
-want="$(cat "$root/pyproject.toml" "$root/constraints.txt" | sha256sum | cut -d' ' -f1)"
+want="$(cat "$root/pyproject.toml" "$constraints" | sha256sum | cut -d' ' -f1)"
 
 if [ ! -x "$venv/bin/python" ]; then
     echo "[venv] creating $venv" >&2
     "$python" -m venv "$venv"
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    echo "[venv] installing overlap-sgd and test dependencies (pinned by constraints.txt)" >&2
-    "$venv/bin/python" -m pip install -q --disable-pip-version-check -c "$root/constraints.txt" torch
-    "$venv/bin/python" -m pip install -q --disable-pip-version-check -c "$root/constraints.txt" -e "$root[test]"
+    echo "[venv] installing overlap-sgd and test dependencies (pinned by $(basename "$constraints"))" >&2
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check -c "$constraints" torch
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check -c "$constraints" -e "$root[test]"
     echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"
