@@ -153,3 +153,61 @@ def test_targets_are_judged_against_their_bounds():
     missed = _targets([row("gpt", "adamw", 0.98, 0.69)])
     assert [t["met"] for t in missed] == [False, False]
     assert [t["met"] for t in _targets([row("gpt", "sgd", 0.5, 0.9)])] == [None, None]
+
+
+def _cuda_like_result(trace_path: Path) -> dict:
+    """A benchmark result shaped like a CUDA run's (CUDA memory, a skipped mode, a kernel trace)."""
+    from benchmarks.stats import compare, summarize
+    from benchmarks.stream_overlap import analyze, load_trace
+
+    medians = {"floor": 0.097, "post": 0.130, "post-fused": 0.120, "overlap": 0.1037}
+    modes: dict = {}
+    for name in MODES:
+        if name not in medians:
+            modes[name] = {"status": "skipped", "reason": "_register_fused_optim failed: no"}
+            continue
+        times = [medians[name] * f for f in (0.99, 1.0, 1.01)]
+        modes[name] = {"status": "ok", "kernel": "fused", "step": summarize(times), "step_times": times,
+                       "memory": {"setup_growth": [{"rss": 0, "cuda": 512 * 2**20}], "rss_transient": [0],
+                                  "cuda_transient": [256 * 2**20], "cuda_peak": [4 * 2**30]}}
+    run = {"label": "gpt 12x768 h12 seq1024 vocab50304 | adamw | bucket 25 MB | loopback",
+           "workload": {"kind": "gpt", "width": 768, "depth": 12, "batch": 8, "heads": 12,
+                        "seq_len": 1024, "vocab": 50304},
+           "params": 124475904, "optimizer": "adamw", "optimizer_desc": "AdamW(lr=0.001)",
+           "post_fused_kernel": "fused", "modes": modes, "comparison": compare(medians), "bandwidth": {},
+           "memory": {"per_rank": [{"peak_rss": 2**30, "rss": 2**30, "cuda_max_allocated": 2**32}]},
+           "trace": {"path": str(trace_path), "steps": 3, "streams": analyze(load_trace(trace_path))}}
+    env = {"world_size": 1, "backend": "nccl", "device": "cuda:0", "torch": "2.11.0+cu130",
+           "cuda_device": "NVIDIA H200", "cuda_runtime": "13.0", "timing": "CUDA events",
+           "autocast": "bf16", "threads_per_rank": 1}
+    return {"environment": env, "options": {"overlap_kernel": "fused"}, "runs": [run]}
+
+
+def test_summary_of_a_cuda_shaped_run(tmp_path):
+    from benchmarks.gpu_report import collect, format_summary
+    from benchmarks.report import format_table
+    from tests.test_stream_overlap import _three_steps
+
+    trace_path = tmp_path / "traces" / "gpt.json"
+    trace_path.parent.mkdir()
+    trace_path.write_text(json.dumps(_three_steps()))
+    result = _cuda_like_result(trace_path)
+    (tmp_path / "bench-gpt").mkdir()
+    (tmp_path / "bench-gpt" / "overlap_bench.json").write_text(json.dumps(result))
+    (tmp_path / "parts.tsv").write_text("env\tok\t0\t3.2\t25\ntests\tpassed\t0\t80.5\t140\n")
+
+    table = format_table(result)
+    assert "NVIDIA H200, CUDA 13.0; steps timed with CUDA events" in table
+    assert "peak MB" in table and "memory: CUDA allocator" in table
+    assert "beside default-stream kernels; tail after backward's last kernel 0.10 ms" in table
+
+    summary = collect(tmp_path)
+    assert [p["status"] for p in summary["parts"]] == ["ok", "passed"]
+    text = format_summary(summary)
+    assert "NVIDIA H200, torch 2.11.0+cu130" in text and "tests passed 80.5 s" in text
+    row = next(line for line in text.splitlines() if line.startswith("gpt 12x768"))
+    assert "skip" in row and " 0.864 " in row and " 0.71 " in row and "62%" in row  # ov/pf, hid(pf)
+    assert "gpt 12x768 adamw (CUDA): floor 512+256" in text
+    assert "skipped: gpt 12x768 adamw upstream: _register_fused_optim failed: no" in text
+    assert [t["met"] for t in summary["targets"]] == [True, True]
+    assert text.count(": met") == 2
