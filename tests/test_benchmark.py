@@ -89,10 +89,12 @@ def test_link_serializes_buckets():
         t0 = time.perf_counter()
         a = link.hold(_done(), 1_000_000)
         b = link.hold(_done(), 1_000_000)
-        a.add_done_callback(lambda _: finished.setdefault("a", time.perf_counter() - t0))
-        b.add_done_callback(lambda _: finished.setdefault("b", time.perf_counter() - t0))
-        b.wait()
-        a.wait()
+        # Futures of the stamping callbacks: wait() on ``a`` or ``b`` itself may return before
+        # their callbacks have run.
+        stamped_a = a.then(lambda _: finished.setdefault("a", time.perf_counter() - t0))
+        stamped_b = b.then(lambda _: finished.setdefault("b", time.perf_counter() - t0))
+        stamped_b.wait()
+        stamped_a.wait()
         assert 0.095 <= finished["a"] < 0.5
         assert finished["b"] >= 0.195 and finished["b"] - finished["a"] >= 0.095
     finally:
