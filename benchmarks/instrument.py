@@ -59,7 +59,7 @@ class InstrumentedExecutor(Executor):
         timing = BucketTiming()
         self.timings.append(timing)
         index = self.bucket_of.pop(id(comm), None)
-        name = f"bucket{index if index is not None else '?'}/update"
+        name = f"bucket{index}/update" if index is not None else "overlap/update"
 
         def stamp(_: Future) -> None:
             timing.comm_done = time.perf_counter()

@@ -9,10 +9,17 @@
 
 With a simulated link every communicating mode sends its buckets through the same
 :func:`~benchmarks.link.link_hook` wrapper.
+
+Timing: on CPU each step is timed on the host (``time.perf_counter``). On CUDA the host only
+enqueues work, so each step records CUDA events on the current stream instead (start, end of
+backward, end of ``optimizer.step()``, end of the step) and the steps of a block run without a
+host synchronisation between them; :meth:`Mode.settle` synchronises once and turns the events
+into the step records' times.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 import warnings
@@ -42,14 +49,14 @@ _UPSTREAM_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
 @dataclass
 class StepRecord:
-    """Host-side times of one training step, in seconds."""
+    """Times of one training step, in seconds (host clock on CPU, CUDA events on CUDA)."""
 
     total: float
     #: Forward plus backward (for ``overlap`` and ``upstream`` this includes the updates).
     backward: float
     #: ``optimizer.step()`` alone (post-backward modes only).
     opt_step: float | None = None
-    #: ``overlap`` only: time spent in bucket updates, summed over buckets.
+    #: ``overlap`` on CPU only: time spent in bucket updates, summed over buckets.
     update_busy: float | None = None
     #: ``overlap`` only: time buckets waited between communication and update, summed.
     update_wait: float | None = None
@@ -74,6 +81,8 @@ class ModeContext:
     #: Label each overlap bucket's communication and update for the profiler.
     label: bool = False
     sync: Callable[[], None] = lambda: None
+    #: Run forward and loss under ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16``).
+    autocast: torch.dtype | None = None
 
 
 @dataclass
@@ -88,48 +97,85 @@ class Mode:
     kernel: str = ""
     executor: InstrumentedExecutor | None = None
     sync: Callable[[], None] = lambda: None
-    #: Synchronise around ``optimizer.step()`` to time it alone (``post-fused`` on CUDA).
-    time_opt_alone: bool = False
+    #: Forward and loss run under ``torch.autocast(device.type, dtype=autocast)``.
+    autocast: torch.dtype | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     records: list[StepRecord] = field(default_factory=list)
+    #: CUDA only: records whose events :meth:`settle` has not read yet.
+    _pending: list[tuple[StepRecord, list[Any]]] = field(default_factory=list)
 
     @property
     def active(self) -> bool:
         return self.skipped is None
 
+    @property
+    def cuda_events(self) -> bool:
+        """Steps are timed with CUDA events (see the module docs)."""
+        return self.device.type == "cuda"
+
+    def _forward_context(self) -> Any:
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
     def step(self, x: Tensor, y: Tensor) -> StepRecord:
-        """One training step; the record is also appended to :attr:`records`."""
+        """One training step; the record is also appended to :attr:`records`.
+
+        On CUDA the record's times are filled by :meth:`settle`.
+        """
         assert self.model is not None
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(4)] if self.cuda_events else []
+        mark = (lambda i: events[i].record()) if events else (lambda i: None)
         t0 = time.perf_counter()
-        loss_fn(self.model(x), y).backward()
+        mark(0)
+        with self._forward_context():
+            loss = loss_fn(self.model(x), y)
+        loss.backward()
+        mark(1)
         t1 = time.perf_counter()
         opt_s = None
         if self.optimizer is not None:
-            if self.time_opt_alone:
-                self.sync()
-                t1 = time.perf_counter()
             self.optimizer.step()
+            mark(2)
             if self.name.startswith("post"):
-                if self.time_opt_alone:
-                    self.sync()
                 opt_s = time.perf_counter() - t1
             self.optimizer.zero_grad(set_to_none=True)
         else:
+            mark(2)
             self.model.zero_grad(set_to_none=True)
-        self.sync()
+        mark(3)
+        if not events:
+            self.sync()
         t2 = time.perf_counter()
         rec = StepRecord(total=t2 - t0, backward=t1 - t0, opt_step=opt_s)
         if self.executor is not None:
             buckets = self.executor.take()
-            if buckets:
+            # On CUDA the host stamps would time the enqueueing only: leave them out.
+            if buckets and not events:
                 rec.update_busy = sum(b.update_end - b.update_start for b in buckets)
                 rec.update_wait = sum(max(0.0, b.update_start - b.comm_done) for b in buckets)
                 rec.tail = max(0.0, t1 - max(b.comm_done for b in buckets))
+        if events:
+            self._pending.append((rec, events))
         self.records.append(rec)
         return rec
+
+    def settle(self) -> None:
+        """Wait for the steps' CUDA work and fill their records from the events (CUDA only)."""
+        if not self._pending:
+            return
+        self._pending[-1][1][-1].synchronize()
+        for rec, (start, backward_end, opt_end, end) in self._pending:
+            rec.total = start.elapsed_time(end) / 1e3
+            rec.backward = start.elapsed_time(backward_end) / 1e3
+            if rec.opt_step is not None:
+                rec.opt_step = backward_end.elapsed_time(opt_end) / 1e3
+        self._pending.clear()
 
     def close(self) -> None:
         if self.optimizer is not None and hasattr(self.optimizer, "hook_state"):
             self.optimizer.hook_state.close()
+        self._pending.clear()
         self.model = None
         self.optimizer = None
 
@@ -169,7 +215,7 @@ def build_mode(name: str, ctx: ModeContext) -> Mode:
     """Build mode ``name`` (one of :data:`MODES`) from ``ctx``; see the module docs."""
     if name not in MODES:
         raise ValueError(f"unknown mode {name!r}; choose from {', '.join(MODES)}")
-    mode = Mode(name, sync=ctx.sync)
+    mode = Mode(name, sync=ctx.sync, autocast=ctx.autocast, device=ctx.device)
     if name == "upstream":
         return _build_upstream(mode, ctx)
     ddp = _ddp(ctx)
@@ -178,9 +224,10 @@ def build_mode(name: str, ctx: ModeContext) -> Mode:
     if name == "overlap":
         opt = make_optimizer(ctx.optimizer, ddp.parameters(), **ctx.overlap_kernel)
         # Without a link the package's own all-reduce runs and labels itself in a trace
-        # (bucket<i>/comm, bucket<i>/update); a link hook is wrapped to be labelled alike.
+        # (bucket<i>/comm, bucket<i>/update); a link hook is wrapped to be labelled alike. The
+        # executor labels every update too, so that a trace shows them whatever the hook does.
         wrap = ctx.label and link_state is not None
-        executor = InstrumentedExecutor(make_executor("auto", ctx.device), label=wrap)
+        executor = InstrumentedExecutor(make_executor("auto", ctx.device), label=ctx.label)
         hook: Any = link_hook if link_state is not None else None
         state: Any = link_state
         if wrap:
@@ -201,7 +248,6 @@ def build_mode(name: str, ctx: ModeContext) -> Mode:
     elif name == "post-fused":
         mode.optimizer = make_optimizer(ctx.optimizer, ddp.parameters(), **ctx.fast_kernel)
         mode.kernel = _kernel_name(ctx.fast_kernel)
-        mode.time_opt_alone = ctx.device.type == "cuda"
     else:
         mode.kernel = "no optimizer"
     return mode

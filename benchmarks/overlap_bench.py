@@ -1,4 +1,5 @@
 """python -m benchmarks.overlap_bench [--nproc 2] [--link-gbps 2 --bucket-cap-mb 4] [--out bench-out]
+python -m benchmarks.overlap_bench --device cuda --nproc 1 --model gpt --autocast bf16 --trace-dir T
 
 Measures, in one run, the DDP step time of five modes, interleaved round-robin so that drift of
 the machine hits each alike (every mode has its own DDP model, built from the same weights):
@@ -14,8 +15,11 @@ and overlap/upstream, the hidden fraction (post - overlap) / (post - floor), the
 achieved GB/s next to a triad kernel's, and peak memory. Writes OUT/overlap_bench.json, PNG plots
 when matplotlib is importable, and prints a table.
 
-Ranks: without torchrun the tool spawns --nproc gloo ranks on a free 127.0.0.1 port; under
-``torchrun --nproc-per-node N benchmarks/overlap_bench.py ...`` it runs as the launched rank.
+Ranks: without torchrun the tool spawns --nproc gloo ranks (NCCL with --device cuda, one GPU
+each) on a free 127.0.0.1 port; under ``torchrun --nproc-per-node N benchmarks/overlap_bench.py
+...`` it runs as the launched rank. On CUDA each step is timed with CUDA events, and
+--trace/--trace-dir also report, from the trace's kernels, the share of the update stream's busy
+time that ran beside default-stream kernels and the tail left after backward's last kernel.
 
 --link-gbps X *simulates* a slower network: each bucket's real all-reduce result is held on one
 serialized link thread per rank for bytes*8/X ns before its future completes (the thread sleeps,
@@ -35,8 +39,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from benchmarks.launch import launched_by_torchrun, run_torchrun, spawn  # noqa: E402
 from benchmarks.modes import MODES  # noqa: E402
-from benchmarks.runner import BenchJob, BenchOptions, rank_entry  # noqa: E402
-from benchmarks.workloads import OPTIMIZERS  # noqa: E402
+from benchmarks.runner import AUTOCAST, BenchJob, BenchOptions, rank_entry  # noqa: E402
+from benchmarks.workloads import KINDS, OPTIMIZERS  # noqa: E402
 
 __all__ = ["main", "parse_args"]
 
@@ -71,17 +75,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=d.threads, help="torch threads per rank (default 1)")
     g.add_argument("--timeout", type=float, default=600.0, help="process-group timeout, s")
     g = p.add_argument_group("workload")
-    g.add_argument("--model", type=_names(("mlp", "transformer")), default=d.models,
-                   help="mlp and/or transformer, comma-separated (default mlp)")
+    g.add_argument("--model", type=_names(KINDS), default=d.models,
+                   help="mlp, transformer (encoder stack) and/or gpt (GPT-2-style causal decoder "
+                        "with embeddings and a tied LM head), comma-separated (default mlp)")
     g.add_argument("--optim", type=_names(tuple(OPTIMIZERS)), default=d.optimizers,
                    help="sgd (momentum 0.9), adamw, adam; comma-separated (default sgd)")
     g.add_argument("--width", type=int, default=d.width, help="MLP width (default 1024)")
     g.add_argument("--depth", type=int, default=d.depth, help="MLP layers (default 8)")
-    g.add_argument("--tf-width", type=int, default=d.tf_width, help="transformer d_model (default 256)")
-    g.add_argument("--tf-depth", type=int, default=d.tf_depth, help="transformer layers (default 4)")
-    g.add_argument("--tf-heads", type=int, default=d.tf_heads, help="attention heads (default 4)")
-    g.add_argument("--seq-len", type=int, default=d.seq_len, help="transformer sequence length (default 16)")
+    g.add_argument("--tf-width", type=int, default=d.tf_width,
+                   help="transformer / gpt d_model (default 256; GPT-2 small: 768)")
+    g.add_argument("--tf-depth", type=int, default=d.tf_depth,
+                   help="transformer / gpt layers (default 4; GPT-2 small: 12)")
+    g.add_argument("--tf-heads", type=int, default=d.tf_heads,
+                   help="attention heads (default 4; GPT-2 small: 12)")
+    g.add_argument("--seq-len", type=int, default=d.seq_len,
+                   help="transformer / gpt sequence length (default 16)")
+    g.add_argument("--vocab", type=int, default=d.vocab, help="gpt vocabulary size (default 50304)")
     g.add_argument("--batch", type=int, default=d.batch, help="batch size per rank (default 32)")
+    g.add_argument("--autocast", default=d.autocast, choices=list(AUTOCAST),
+                   help="run forward and loss under torch.autocast with this dtype (default none)")
     g = p.add_argument_group("communication")
     g.add_argument("--bucket-cap-mb", type=float, default=d.bucket_cap_mb,
                    help="DDP bucket_cap_mb (default 25)")
@@ -109,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trace", default=None, metavar="PATH",
                    help="write a Chrome trace of a few overlap steps of the first configuration, "
                         "each bucket's comm and update labelled (rank 0's view)")
+    g.add_argument("--trace-dir", default=None, metavar="DIR",
+                   help="write such a trace for every configuration, DIR/<configuration>.json.gz")
     g.add_argument("--trace-steps", type=int, default=d.trace_steps, help="steps in the trace (default 3)")
     g.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
     g.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -118,17 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> tuple[BenchJob, argparse.Namespace]:
     """The job described by ``argv`` and the parsed namespace."""
     a = build_parser().parse_args(argv)
-    for name in ("nproc", "rounds", "steps_per_round", "threads", "batch", "width", "depth"):
+    for name in ("nproc", "rounds", "steps_per_round", "threads", "batch", "width", "depth",
+                 "tf_width", "tf_depth", "tf_heads", "seq_len", "vocab", "trace_steps"):
         if getattr(a, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
     opts = BenchOptions(
         models=a.model, optimizers=a.optim, width=a.width, depth=a.depth, tf_width=a.tf_width,
-        tf_depth=a.tf_depth, tf_heads=a.tf_heads, seq_len=a.seq_len, batch=a.batch,
+        tf_depth=a.tf_depth, tf_heads=a.tf_heads, seq_len=a.seq_len, vocab=a.vocab,
+        batch=a.batch, autocast=a.autocast,
         bucket_cap_mb=a.bucket_cap_mb, link_gbps=a.link_gbps, sweep_link=a.sweep_link,
         sweep_bucket=a.sweep_bucket, rounds=a.rounds, steps_per_round=a.steps_per_round,
         warmup=a.warmup, modes=a.modes, device=a.device, threads=a.threads,
         overlap_kernel=a.overlap_kernel, gradient_as_bucket_view=a.gradient_as_bucket_view,
-        trace=a.trace, trace_steps=a.trace_steps, seed=a.seed, verbose=not a.quiet,
+        trace=a.trace, trace_dir=a.trace_dir, trace_steps=a.trace_steps, seed=a.seed,
+        verbose=not a.quiet,
     )
     return BenchJob(opts, out_dir=a.out, plot=not a.no_plot), a
 

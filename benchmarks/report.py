@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["format_table", "plot", "write_json"]
+__all__ = ["format_table", "mode_memory", "plot", "trace_line", "write_json"]
 
 JSON_NAME = "overlap_bench.json"
 
@@ -36,6 +36,55 @@ def _mb(x: int | None) -> str:
     return "-" if x is None else f"{x / 2**20:.0f}"
 
 
+def mode_memory(m: dict[str, Any]) -> dict[str, int | None]:
+    """A mode's memory in bytes, the largest over ranks: ``setup`` (what building the mode and its
+    warm-up steps left allocated: model, buckets, optimizer state), ``step`` (the peak of its
+    steps above what was allocated before them) and, on CUDA, ``peak`` (the allocator's peak
+    during its steps, other modes' resident memory included). CUDA figures where the run was on
+    CUDA, resident-set figures otherwise."""
+    mem = m.get("memory", {})
+    cuda = "cuda_transient" in mem
+    key = "cuda" if cuda else "rss"
+
+    def largest(values: Any) -> int | None:
+        vals = [v for v in values if v is not None]
+        return max(vals) if vals else None
+
+    return {
+        "setup": largest((g or {}).get(key) for g in mem.get("setup_growth", [])),
+        "step": largest(mem.get(f"{key}_transient", [])),
+        "peak": largest(mem.get("cuda_peak", [])) if cuda else None,
+        "cuda": cuda,
+    }
+
+
+def trace_line(run: dict[str, Any]) -> str | None:
+    """One line on the run's profiled overlap steps: the update streams against the main one."""
+    trace = run.get("trace")
+    if not trace:
+        return None
+    if "error" in trace:
+        return f"trace: failed: {trace['error']}"
+    a = trace.get("streams")
+    if a is None:
+        return f"trace: {trace.get('path')} (no stream analysis: {trace.get('streams_error')})"
+    share = a.get("overlap_share")
+    busy = a["side_busy_per_step_us"]["median"]
+    tail = a["tail_us"]
+    return (
+        f"trace ({len(a['steps'])} overlap steps): update stream busy {_us_ms(busy)} ms/step, "
+        f"{'-' if share is None else f'{share:.0%}'} of it beside default-stream kernels; tail after "
+        f"backward's last kernel {_us_ms(tail['median'])} ms (max {_us_ms(tail['max'])}); streams: "
+        f"main {a['main_stream']}, side {a['side_streams']} ({a['side_streams_from']})"
+        + (f"; {a['update_kernels_on_main_stream']} update kernels ran on the main stream"
+           if a.get("update_kernels_on_main_stream") else "")
+    )
+
+
+def _us_ms(x: float | None) -> str:
+    return "-" if x is None else f"{x / 1e3:.2f}"
+
+
 def format_table(result: dict[str, Any]) -> str:
     """A plain-text table per run: per-mode step times, ratios, bandwidth and memory."""
     env = result.get("environment", {})
@@ -45,26 +94,32 @@ def format_table(result: dict[str, Any]) -> str:
         f"{env.get('cpu_count')} CPUs, load average {_load(env.get('load_average_start'))} at start, "
         f"{_load(env.get('load_average_end'))} at end"
     ]
+    if env.get("cuda_device"):
+        lines.append(f"{env['cuda_device']}, CUDA {env.get('cuda_runtime')}; steps timed with "
+                     f"{env.get('timing')}; autocast {env.get('autocast')}")
     for run in result["runs"]:
         lines.append("")
         lines.append(f"== {run['label']}  ({run['params'] / 1e6:.2f}M params, {run['optimizer_desc']})")
+        cuda = any(mode_memory(m)["cuda"] for m in run["modes"].values() if m["status"] == "ok")
         lines.append(
             f"{'mode':<11}{'median ms':>10}{'p10':>8}{'p90':>8}{'IQR':>7}{'fwd+bwd':>9}"
-            f"{'opt.step':>9}{'setup MB':>9}{'step MB':>8}  kernel / note"
+            f"{'opt.step':>9}{'setup MB':>9}{'step MB':>8}"
+            + (f"{'peak MB':>9}  kernel / note (memory: CUDA allocator)" if cuda else "  kernel / note")
         )
         for name, m in run["modes"].items():
             if m["status"] != "ok":
                 lines.append(f"{name:<11}{'skipped':>10}  {m['reason']}")
                 continue
             st = m["step"]
-            mem = m.get("memory", {})
-            growth = max(((g or {}).get("rss") or 0 for g in mem.get("setup_growth", [])), default=None)
-            transient = max((v or 0 for v in mem.get("rss_transient", [])), default=None)
+            mem = mode_memory(m)
+            growth, transient = mem["setup"], mem["step"]
+            peak = f"{_mb(mem['peak']):>9}" if cuda else ""
             note = _mode_note(name, run, m)
             lines.append(
                 f"{name:<11}{_ms(st['median']):>10}{_ms(st['p10']):>8}{_ms(st['p90']):>8}"
                 f"{_ms(st['iqr']):>7}{_ms(m.get('backward', {}).get('median')):>9}"
-                f"{_ms(m.get('opt_step', {}).get('median')):>9}{_mb(growth):>9}{_mb(transient):>8}  {note}"
+                f"{_ms(m.get('opt_step', {}).get('median')):>9}{_mb(growth):>9}{_mb(transient):>8}"
+                f"{peak}  {note}"
             )
         c = run["comparison"]
         lines.append(
@@ -88,6 +143,9 @@ def format_table(result: dict[str, Any]) -> str:
                 f"overlap bucket updates {_num(bw.get('overlap_update_gbs'), '.1f')} GB/s "
                 f"({_ms(bw.get('overlap_update_busy_s'))} ms busy)"
             )
+        traced = trace_line(run)
+        if traced:
+            lines.append(traced)
         peaks = [r.get("peak_rss") for r in run.get("memory", {}).get("per_rank", [])]
         if any(peaks):
             lines.append("peak RSS per rank (MB): " + ", ".join(_mb(p) for p in peaks))
@@ -96,7 +154,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 def _mode_note(name: str, run: dict[str, Any], m: dict[str, Any]) -> str:
     kernel = m.get("kernel", "")
-    if name == "overlap":
+    if name == "overlap" and "update_busy" in m:
         busy = m.get("update_busy", {}).get("median")
         wait = m.get("update_wait", {}).get("median")
         tail = m.get("tail", {}).get("median")

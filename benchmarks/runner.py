@@ -5,6 +5,12 @@ model built from the same initial weights and a few warm-up steps. Then, ``round
 mode runs ``steps_per_round`` steps in turn (the order rotating every round), so that drift of
 the machine hits every mode alike. Per step the slowest rank's time counts. Rank 0 returns the
 collected results; the other ranks return ``None``.
+
+A mode whose step raises (``upstream`` on a torch that no longer supports it, say) is reported
+as skipped with the error instead of ending the run. With a trace requested, a few steps of a
+fresh overlap mode are profiled after the measurement, and on CUDA the trace's kernels give the
+share of the update stream's busy time that ran beside default-stream kernels and the tail left
+after backward's last kernel (:mod:`benchmarks.stream_overlap`).
 """
 
 from __future__ import annotations
@@ -12,7 +18,10 @@ from __future__ import annotations
 import gc
 import os
 import platform
+import re
+import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -25,8 +34,12 @@ from .link import SimulatedLink
 from .memory import MemoryProbe
 from .modes import MODES, Mode, ModeContext, build_mode, pick_fast_kernel
 from .stats import compare, step_max, summarize
+from .stream_overlap import analyze, load_trace
 from .trace import write_trace
 from .workloads import Workload, build_model, describe_optimizer, make_batch
+
+#: ``--autocast`` choices: the dtype forward and loss run in (``none``: no autocast).
+AUTOCAST: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16}
 
 __all__ = ["BenchJob", "BenchOptions", "RunConfig", "configs", "rank_entry", "run_rank"]
 
@@ -43,7 +56,9 @@ class BenchOptions:
     tf_depth: int = 4
     tf_heads: int = 4
     seq_len: int = 16
+    vocab: int = 50304
     batch: int = 32
+    autocast: str = "none"
     bucket_cap_mb: float = 25.0
     link_gbps: float | None = None
     sweep_link: list[float] = field(default_factory=list)
@@ -57,6 +72,7 @@ class BenchOptions:
     overlap_kernel: str = "auto"
     gradient_as_bucket_view: bool = False
     trace: str | None = None
+    trace_dir: str | None = None
     trace_steps: int = 3
     seed: int = 0
     verbose: bool = True
@@ -75,17 +91,21 @@ class RunConfig:
         link = f"link {self.link_gbps:g} Gbit/s" if self.link_gbps else "loopback"
         return f"{self.workload.label()} | {self.optimizer} | bucket {self.bucket_cap_mb:g} MB | {link}"
 
+    def slug(self) -> str:
+        """The label as a file name."""
+        return re.sub(r"[^A-Za-z0-9.]+", "-", self.label()).strip("-")
+
 
 def workloads(opts: BenchOptions) -> list[Workload]:
     out = []
     for kind in opts.models:
         if kind == "mlp":
             out.append(Workload("mlp", opts.width, opts.depth, opts.batch))
-        elif kind == "transformer":
-            out.append(Workload("transformer", opts.tf_width, opts.tf_depth, opts.batch,
-                                opts.tf_heads, opts.seq_len))
+        elif kind in ("transformer", "gpt"):
+            out.append(Workload(kind, opts.tf_width, opts.tf_depth, opts.batch,
+                                opts.tf_heads, opts.seq_len, opts.vocab))
         else:
-            raise ValueError(f"unknown model {kind!r}; choose 'mlp' or 'transformer'")
+            raise ValueError(f"unknown model {kind!r}; choose 'mlp', 'transformer' or 'gpt'")
     return out
 
 
@@ -134,11 +154,55 @@ def _overlap_kernel(choice: str, fast: dict[str, Any]) -> dict[str, Any]:
     raise ValueError(f"--overlap-kernel must be auto, fused, foreach or default, got {choice!r}")
 
 
+def _guarded(mode: Mode, steps: int, x: torch.Tensor, y: torch.Tensor, log: _Log) -> bool:
+    """Run ``steps`` steps of ``mode`` and settle them; on an error mark the mode skipped."""
+    try:
+        for _ in range(steps):
+            mode.step(x, y)
+        mode.settle()
+        return True
+    except Exception as exc:  # noqa: BLE001 - reported as the mode's skip reason
+        traceback.print_exc(file=sys.stderr)
+        mode.skipped = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        log(f"  {mode.name} failed, skipped from now on: {mode.skipped}")
+        try:
+            mode.close()
+        except Exception:  # noqa: BLE001 - already reported
+            pass
+        return False
+
+
+def _trace_overlap(ctx: ModeContext, opts: BenchOptions, x: torch.Tensor, y: torch.Tensor,
+                   rank: int, device: torch.device, path: str, log: _Log) -> dict[str, Any] | None:
+    """Profile a few steps of a fresh, labelled overlap mode; rank 0 returns the trace's path and
+    its stream analysis (or why there is none)."""
+    traced = build_mode("overlap", replace(ctx, label=True))
+    try:
+        for _ in range(max(1, opts.warmup)):
+            traced.step(x, y)
+        traced.settle()
+        dist.barrier()
+        written = write_trace(path, lambda: traced.step(x, y), opts.trace_steps, device,
+                              record=rank == 0)
+        traced.settle()
+    finally:
+        traced.close()
+    if written is None:
+        return None
+    log(f"  trace of {opts.trace_steps} overlap steps written to {written}")
+    out: dict[str, Any] = {"path": str(written), "steps": opts.trace_steps}
+    try:
+        out["streams"] = analyze(load_trace(written))
+    except ValueError as exc:
+        out["streams_error"] = str(exc)
+    return out
+
+
 def run_config(cfg: RunConfig, opts: BenchOptions, rank: int, world: int, device: torch.device,
                log: _Log, trace_path: str | None) -> dict[str, Any] | None:
     """Measure every mode of ``cfg``; rank 0 returns the configuration's results."""
     sync = _sync_fn(device)
-    base = build_model(cfg.workload, seed=opts.seed)
+    base = build_model(cfg.workload, seed=opts.seed).to(device)
     n_params = sum(p.numel() for p in base.parameters())
     x, y = make_batch(cfg.workload, rank, device, seed=opts.seed)
     fast, kernel_times = pick_fast_kernel(cfg.optimizer, list(base.parameters()), device, sync=sync)
@@ -147,6 +211,7 @@ def run_config(cfg: RunConfig, opts: BenchOptions, rank: int, world: int, device
         base=base, device=device, optimizer=cfg.optimizer, bucket_cap_mb=cfg.bucket_cap_mb,
         link=link, fast_kernel=fast, overlap_kernel=_overlap_kernel(opts.overlap_kernel, fast),
         gradient_as_bucket_view=opts.gradient_as_bucket_view, sync=sync,
+        autocast=AUTOCAST[opts.autocast],
     )
     probe = MemoryProbe(device)
     modes: dict[str, Mode] = {}
@@ -155,9 +220,7 @@ def run_config(cfg: RunConfig, opts: BenchOptions, rank: int, world: int, device
         before = probe.now()
         mode = build_mode(name, ctx)
         modes[name] = mode
-        if mode.active:
-            for _ in range(opts.warmup):
-                mode.step(x, y)
+        if mode.active and _guarded(mode, opts.warmup, x, y, log):
             mode.records.clear()
         after = probe.now()
         setup_mem[name] = {
@@ -173,9 +236,9 @@ def run_config(cfg: RunConfig, opts: BenchOptions, rank: int, world: int, device
         for mode in order:
             dist.barrier()
             base_mem = probe.start_block()
-            for _ in range(opts.steps_per_round):
-                mode.step(x, y)
-            block_mem[mode.name].append(probe.end_block(base_mem))
+            if _guarded(mode, opts.steps_per_round, x, y, log):
+                block_mem[mode.name].append(probe.end_block(base_mem))
+        active = [m for m in active if m.active]
         recent = "  ".join(
             f"{m.name} {1e3 * (_median([s.total for s in m.records[-opts.steps_per_round:]]) or 0):.1f}"
             for m in active
@@ -198,17 +261,6 @@ def run_config(cfg: RunConfig, opts: BenchOptions, rank: int, world: int, device
         local_bw["overlap_update_busy_s"] = busy
         local_bw["overlap_update_gbs"] = traffic["moved_bytes"] / busy / 1e9 if busy else None
 
-    if trace_path is not None and "overlap" in modes:
-        traced = build_mode("overlap", replace(ctx, label=True))
-        for _ in range(max(1, opts.warmup)):
-            traced.step(x, y)
-        dist.barrier()
-        written = write_trace(trace_path, lambda: traced.step(x, y), opts.trace_steps, device,
-                              record=rank == 0)
-        if written is not None:
-            log(f"  trace of {opts.trace_steps} overlap steps written to {written}")
-        traced.close()
-
     local = {
         "rank": rank,
         "records": {m.name: [asdict(s) for s in m.records] for m in active},
@@ -218,11 +270,20 @@ def run_config(cfg: RunConfig, opts: BenchOptions, rank: int, world: int, device
         "block_mem": block_mem,
         "bandwidth": local_bw,
         "totals": probe.totals(),
+        "trace": None,
     }
-    gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, local)
+    overlap_ok = "overlap" in modes and modes["overlap"].active
     for mode in modes.values():
         mode.close()
+    if trace_path is not None and overlap_ok:
+        gc.collect()
+        try:
+            local["trace"] = _trace_overlap(ctx, opts, x, y, rank, device, trace_path, log)
+        except Exception as exc:  # noqa: BLE001 - the measurement above stands without it
+            traceback.print_exc(file=sys.stderr)
+            local["trace"] = {"error": f"{type(exc).__name__}: {exc}"}
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, local)
     if link is not None:
         link.close()
     del modes, active, fused_mode, base, ctx
@@ -273,6 +334,7 @@ def _assemble(cfg: RunConfig, opts: BenchOptions, n_params: int, fast: dict[str,
         "memory": {
             "per_rank": [g["totals"] for g in gathered],
         },
+        "trace": first.get("trace"),
     }
 
 
@@ -330,7 +392,12 @@ def run_rank(rank: int, world: int, opts: BenchOptions) -> dict[str, Any] | None
     for i, cfg in enumerate(todo):
         log(f"[{i + 1}/{len(todo)}] {cfg.label()} | world {world}")
         trace = opts.trace if (i == 0 and opts.trace) else None
+        if opts.trace_dir:
+            trace = os.path.join(opts.trace_dir, f"{cfg.slug()}.json.gz")
+        started = time.perf_counter()
         runs.append(run_config(cfg, opts, rank, world, device, log, trace))
+        if runs[-1] is not None:
+            runs[-1]["wall_s"] = time.perf_counter() - started
     if rank != 0:
         return None
     return {
@@ -346,6 +413,9 @@ def run_rank(rank: int, world: int, opts: BenchOptions) -> dict[str, Any] | None
             "cpu_count": _cpu_count(),
             "threads_per_rank": opts.threads,
             "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "cuda_runtime": torch.version.cuda,
+            "timing": "CUDA events" if device.type == "cuda" else "host perf_counter",
+            "autocast": opts.autocast,
             "load_average_start": load_start,
             "load_average_end": _loadavg(),
         },

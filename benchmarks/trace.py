@@ -4,7 +4,8 @@ The package labels its own work while a profiler runs: ``bucket<i>/comm`` from t
 launch to its completion and ``bucket<i>/update`` around each update, inside the ``step<k>``
 ranges recorded here (behind a simulated link the overlap mode is built with
 :func:`~benchmarks.instrument.labelled_hook`, which labels the link's communication alike). Open
-the file in ``chrome://tracing`` or https://ui.perfetto.dev."""
+the file in ``chrome://tracing`` or https://ui.perfetto.dev (a ``.json.gz`` name writes it
+compressed)."""
 
 from __future__ import annotations
 
@@ -47,5 +48,7 @@ def write_trace(path: str | Path, step: Callable[[], object], steps: int, device
         for k in range(steps):
             with record_function(f"step{k}"):
                 step()
-    prof.export_chrome_trace(str(path))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # every kernel finished before the profiler stops
+    prof.export_chrome_trace(str(path))  # gzip-compressed when the name ends in .gz
     return path

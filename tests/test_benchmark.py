@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from benchmarks.link import SimulatedLink
-from benchmarks.modes import MODES, ModeContext, build_mode
+from benchmarks.modes import MODES, Mode, ModeContext, StepRecord, build_mode
 from benchmarks.overlap_bench import parse_args
 from benchmarks.report import format_table
 from benchmarks.runner import BenchOptions, configs
 from benchmarks.stats import compare, hidden_fraction, ratio, step_max, summarize
-from benchmarks.workloads import Workload, build_model, make_batch
+from benchmarks.workloads import GPT, Workload, build_model, loss_fn, make_batch
 from tests.distributed import run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,10 +89,12 @@ def test_link_serializes_buckets():
         t0 = time.perf_counter()
         a = link.hold(_done(), 1_000_000)
         b = link.hold(_done(), 1_000_000)
-        a.add_done_callback(lambda _: finished.setdefault("a", time.perf_counter() - t0))
-        b.add_done_callback(lambda _: finished.setdefault("b", time.perf_counter() - t0))
-        b.wait()
-        a.wait()
+        # Futures of the stamping callbacks: wait() on ``a`` or ``b`` itself may return before
+        # their callbacks have run.
+        stamped_a = a.then(lambda _: finished.setdefault("a", time.perf_counter() - t0))
+        stamped_b = b.then(lambda _: finished.setdefault("b", time.perf_counter() - t0))
+        stamped_b.wait()
+        stamped_a.wait()
         assert 0.095 <= finished["a"] < 0.5
         assert finished["b"] >= 0.195 and finished["b"] - finished["a"] >= 0.095
     finally:
@@ -166,6 +168,23 @@ def _modes_body(rank: int, world: int) -> list[dict]:
     ]
 
 
+def _gpt_modes_body(rank: int, world: int) -> dict:
+    spec = Workload("gpt", width=16, depth=2, batch=2, heads=2, seq_len=8, vocab=32)
+    base = build_model(spec, seed=1)
+    ctx = ModeContext(base=base, device=torch.device("cpu"), optimizer="adamw", bucket_cap_mb=0.002,
+                      fast_kernel={"fused": True}, overlap_kernel={"fused": True},
+                      autocast=torch.bfloat16)
+    x, y = make_batch(spec, rank, torch.device("cpu"))
+    out: dict = {"init": _flat(base)}
+    for name in MODES:
+        mode = build_mode(name, ctx)
+        for _ in range(3):
+            mode.step(x, y)
+        out[name] = _flat(mode.model.module)
+        mode.close()
+    return out
+
+
 def test_modes_train_alike():
     results = run_distributed(_modes_body, 2, timeout=120)
     for rank_results in results:
@@ -177,6 +196,70 @@ def test_modes_train_alike():
                 torch.testing.assert_close(t[name], t["post"], rtol=1e-5, atol=1e-6, msg=name)
         assert "simulated link" in rank_results[2]["upstream"]
     assert results[0][0]["overlap"] == results[1][0]["overlap"]
+
+
+def test_gpt_modes_train_alike_under_bf16_autocast():
+    results = run_distributed(_gpt_modes_body, 2, timeout=120)
+    for r in results:
+        t = {k: torch.tensor(v) for k, v in r.items()}
+        assert torch.equal(t["floor"], t["init"])
+        assert not torch.allclose(t["post"], t["init"]) and torch.isfinite(t["post"]).all()
+        for name in ("post-fused", "upstream", "overlap"):
+            torch.testing.assert_close(t[name], t["post"], rtol=1e-5, atol=1e-6, msg=name)
+    assert results[0]["overlap"] == results[1]["overlap"]
+
+
+# -- the GPT workload --------------------------------------------------------------------------
+
+
+def test_gpt_is_a_causal_decoder_with_a_tied_head():
+    spec = Workload("gpt", width=32, depth=2, batch=2, heads=4, seq_len=12, vocab=50)
+    model = build_model(spec, seed=0)
+    assert isinstance(model, GPT) and model.head.weight is model.tok.weight
+    d, v, t, n = spec.width, spec.vocab, spec.seq_len, spec.depth
+    per_block = 12 * d * d + 13 * d  # qkv, proj, fc, fc-proj weights and biases, two LayerNorms
+    assert sum(p.numel() for p in model.parameters()) == v * d + t * d + n * per_block + 2 * d
+    x, y = make_batch(spec, rank=0, device=torch.device("cpu"))
+    assert x.shape == y.shape == (2, 12) and not x.is_floating_point()
+    assert torch.equal(x[:, 1:], y[:, :-1]), "the target is the next token"
+    logits = model(x)
+    assert logits.shape == (2, 12, 50)
+    changed = x.clone()
+    changed[:, 7] = (changed[:, 7] + 1) % spec.vocab
+    again = model(changed)
+    torch.testing.assert_close(again[:, :7], logits[:, :7], rtol=0, atol=0)  # the past is blind to it
+    assert not torch.allclose(again[:, 7:], logits[:, 7:])
+    loss = loss_fn(logits, y)
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 50), y.reshape(-1))
+    assert torch.equal(loss, ref) and loss.item() == pytest.approx(torch.log(torch.tensor(50.0)).item(), rel=0.05)
+    with pytest.raises(ValueError, match="width=30, heads=4"):
+        build_model(Workload("gpt", width=30, heads=4, vocab=10, seq_len=4), seed=0)
+
+
+class _FakeEvent:
+    """Stands in for torch.cuda.Event: a time stamp in ms."""
+
+    def __init__(self, ms: float):
+        self.ms = ms
+        self.waited = False
+
+    def elapsed_time(self, end: "_FakeEvent") -> float:
+        return end.ms - self.ms
+
+    def synchronize(self) -> None:
+        self.waited = True
+
+
+def test_settle_turns_cuda_events_into_step_times():
+    mode = Mode("post-fused")
+    first = StepRecord(total=1.0, backward=1.0, opt_step=1.0)
+    second = StepRecord(total=1.0, backward=1.0)
+    events = [[_FakeEvent(t) for t in (0.0, 5.0, 7.0, 9.5)], [_FakeEvent(t) for t in (10.0, 14.0, 14.0, 16.0)]]
+    mode._pending = [(first, events[0]), (second, events[1])]
+    mode.settle()
+    assert events[1][-1].waited and mode._pending == []
+    assert (first.total, first.backward, first.opt_step) == pytest.approx((9.5e-3, 5e-3, 2e-3))
+    assert (second.total, second.backward, second.opt_step) == (pytest.approx(6e-3), pytest.approx(4e-3), None)
 
 
 # -- command line and reports ----------------------------------------------------------------
@@ -195,6 +278,15 @@ def test_parse_args_and_configs():
     with pytest.raises(SystemExit):
         parse_args(["--modes", "post,bogus"])
     assert BenchOptions().modes == list(MODES)
+    job, _ = parse_args(["--model", "gpt,mlp", "--tf-width", "768", "--vocab", "50304",
+                         "--autocast", "bf16", "--trace-dir", "t", "--overlap-kernel", "fused"])
+    o = job.options
+    assert (o.models, o.tf_width, o.vocab, o.autocast, o.trace_dir) == (["gpt", "mlp"], 768, 50304, "bf16", "t")
+    assert [c.workload.kind for c in configs(o)] == ["gpt", "mlp"]
+    assert defaults.autocast == "none" and defaults.trace_dir is None
+    for bad in (["--autocast", "fp8"], ["--model", "gpt3"], ["--vocab", "0"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
 
 
 def test_command_line_writes_report_and_trace(tmp_path):
