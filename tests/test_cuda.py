@@ -252,10 +252,19 @@ def _check_finite_on_cuda(rank: int, world_size: int) -> dict:
         message = str(exc)
     else:
         message = ""
-    return {"message": message, "untouched": torch.equal(before, model.module.head.bias.detach())}
+    untouched = torch.equal(before, model.module.head.bias.detach())
+    opt.zero_grad()
+    for step in range(3, 5):  # the next iterations train normally
+        x, y = (t.to(device) for t in batch(step, rank))
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    moved = not torch.equal(before, model.module.head.bias.detach())
+    finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    return {"message": message, "untouched": untouched, "recovered": moved and finite}
 
 
 def test_check_finite_reports_from_step_on_cuda() -> None:
     (r,) = run_distributed(_check_finite_on_cuda, 1, backend="nccl", gpu=0, timeout=180)
     assert "'head.bias'" in r["message"], r
-    assert r["untouched"]
+    assert r["untouched"] and r["recovered"], r

@@ -64,13 +64,13 @@ case "$out" in
 esac
 tests="${GPU_CHECK_TESTS:-tests/test_cuda.py}"  # relative to the checkout, or absolute
 
-# Time limits (seconds): 400 in all, with the 3 s grace each part gets after its limit
+# Time limits (seconds): 395 in all, with the 3 s grace each part gets after its limit
 # under 7 minutes; a normal run takes well under that (each part prints its time).
-t_env="${GPU_CHECK_TIMEOUT_ENV:-25}"
-t_tests="${GPU_CHECK_TIMEOUT_TESTS:-140}"
-t_gpt="${GPU_CHECK_TIMEOUT_BENCH_GPT:-120}"
-t_mlp="${GPU_CHECK_TIMEOUT_BENCH_MLP:-90}"
-t_report="${GPU_CHECK_TIMEOUT_REPORT:-25}"
+t_env="${GPU_CHECK_TIMEOUT_ENV:-20}"
+t_tests="${GPU_CHECK_TIMEOUT_TESTS:-160}"
+t_gpt="${GPU_CHECK_TIMEOUT_BENCH_GPT:-115}"
+t_mlp="${GPU_CHECK_TIMEOUT_BENCH_MLP:-80}"
+t_report="${GPU_CHECK_TIMEOUT_REPORT:-20}"
 
 # Benchmark settings: a few rounds, enough for a median; CPU sizes only prove the pipeline.
 if [ "$device" = cuda ]; then
