@@ -14,6 +14,7 @@ from .hooks import Executor, OverlapHookState, make_executor, overlap_hook
 from .hooks.clip import GradClip
 from .optimizer import OverlappedOptimizer
 from .registry import resolve
+from .sharding import register_sharded
 
 __all__ = ["overlap", "overlapped_optimizers", "trainable_parameters"]
 
@@ -43,6 +44,7 @@ def overlap(
     check_consistency_every: int = 0,
     slice_mb: float | str | None = "auto",
     grad_views: bool = True,
+    shard: bool = False,
 ) -> Any:
     """Update each DDP bucket's parameters as soon as its gradients are communicated.
 
@@ -92,6 +94,12 @@ def overlap(
             ``.grad`` kept past the next backward sees the bucket's new contents. ``False``
             keeps DDP's copy. No effect with ``gradient_as_bucket_view=True`` (the gradients
             are bucket views already) or DDP mixed precision.
+        shard: keep on each rank the optimizer state of only its share of every bucket
+            (ZeRO-1), updated as each bucket lands: see :mod:`overlap_sgd.hooks.shard_hook`.
+            ``state_dict()`` then gathers the whole state (every rank must call it);
+            ``.grad`` after backward is the averaged gradient where this rank holds a
+            parameter's whole gradient and ``None`` elsewhere. No ``comm_hook``, no sparse
+            gradients, no ``slice_mb`` (buckets are reduce-scattered whole).
 
     Raises:
         TypeError: ``ddp_model`` is not DDP, an argument has the wrong type, or an optimizer
@@ -136,6 +144,8 @@ def overlap(
         raise TypeError(f"check_finite must be a bool, 'backward' or 'step', got {type(check_finite).__name__}")
     if not isinstance(grad_views, bool):
         raise TypeError(f"grad_views must be a bool, got {type(grad_views).__name__}")
+    if not isinstance(shard, bool):
+        raise TypeError(f"shard must be a bool, got {type(shard).__name__}")
     clip = GradClip(clip_grad_value, clip_grad_norm)
     if isinstance(check_consistency_every, bool) or not isinstance(check_consistency_every, int):
         raise TypeError(
@@ -172,6 +182,15 @@ def overlap(
         )
     functionals = [r.functional.bind(opt) for r, opt in zip(registrations, optimizers)]
     _check_sparse(ddp_model, functionals, names)
+    track_unused = bool(ddp_model.find_unused_parameters or getattr(ddp_model, "static_graph", False))
+
+    if shard:
+        state = register_sharded(
+            ddp_model, functionals, registrations, comm_hook=comm_hook, names=names,
+            params=list(trainable.values()), track_unused=track_unused, executor=executor,
+            check_finite=check_finite, clip=clip, grad_views=grad_views, on_forward=_reclaim_grads_later(),
+        )
+        return _wrap(ddp_model, optimizers, state, check_consistency_every, single)
 
     hook, state = registrations[0].hook_factory(
         functionals,
@@ -180,7 +199,7 @@ def overlap(
         process_group=ddp_model.process_group,
         params=list(trainable.values()),
         names=names,
-        track_unused=bool(ddp_model.find_unused_parameters or getattr(ddp_model, "static_graph", False)),
+        track_unused=track_unused,
         executor=executor,
         check_finite=check_finite,
         clip=clip,
@@ -196,6 +215,16 @@ def overlap(
         state.grad_views = True
         ddp_model.reducer._set_optimizer_in_backward()
         ddp_model.register_forward_pre_hook(_reclaim_grads(state))
+    return _wrap(ddp_model, optimizers, state, check_consistency_every, single)
+
+
+def _wrap(
+    ddp_model: DistributedDataParallel,
+    optimizers: list[Optimizer],
+    state: Any,
+    check_consistency_every: int,
+    single: bool,
+) -> Any:
     setattr(ddp_model, _ATTR, state)
     wrapped = [
         OverlappedOptimizer(opt, state, i, ddp_model, check_consistency_every)
@@ -217,6 +246,15 @@ def _can_hand_out_views(ddp_model: DistributedDataParallel) -> bool:
 def _reclaim_grads(state: Any) -> Callable[..., None]:
     def reclaim(_module: nn.Module, _args: Any) -> None:
         state.reclaim_grads()
+
+    return reclaim
+
+
+def _reclaim_grads_later() -> Callable[..., None]:
+    """A forward pre-hook that reclaims the gradients of the state set on the model by then."""
+
+    def reclaim(module: nn.Module, _args: Any) -> None:
+        getattr(module, _ATTR).reclaim_grads()
 
     return reclaim
 

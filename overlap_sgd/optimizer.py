@@ -168,13 +168,31 @@ class OverlappedOptimizer(Optimizer):
         self._optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
-        """The wrapped optimizer's state dict, in its exact format."""
+        """The wrapped optimizer's state dict, in its exact format.
+
+        With ``shard=True`` it holds every parameter's whole state, gathered from all ranks:
+        a collective that every rank of the model must call.
+        """
+        if self._sharded:
+            from .sharding import full_state_dict
+
+            return full_state_dict(self._optimizer, self._hook_state)
         return self._optimizer.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict of the wrapped optimizer's class (from either side of the overlap)."""
+        """Load a state dict of the wrapped optimizer's class (from either side of the overlap,
+        sharded or not, saved by any number of ranks)."""
+        if self._sharded:
+            from .sharding import load_full_state_dict
+
+            load_full_state_dict(self._optimizer, self._hook_state, state_dict)
+            return
         self._optimizer.load_state_dict(state_dict)
         self._hook_state.invalidate()
+
+    @property
+    def _sharded(self) -> bool:
+        return hasattr(self._hook_state, "shards")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group of the DDP model's parameters that no overlapped optimizer holds yet."""

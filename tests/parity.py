@@ -52,6 +52,8 @@ class Scenario:
     #: "keep" (never zeroed: gradients accumulate across synchronised steps).
     zero: str = "none"
     grad_views: bool = True
+    #: ``overlap(..., shard=True)``: each rank keeps the state of its share of every bucket.
+    shard: bool = False
     #: Where the models live ("cuda": the rank's current CUDA device).
     device: str = "cpu"
     atol: float = 1e-6
@@ -219,7 +221,7 @@ def parity_body(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any
         ovl, raw if scenario.multi else raw[0], comm_hook=ovl_hook, comm_state=ovl_hook_state,
         executor=scenario.executor, clip_grad_value=scenario.clip_value,
         clip_grad_norm=scenario.clip_norm, slice_mb=scenario.slice_mb,
-        grad_views=scenario.grad_views,
+        grad_views=scenario.grad_views, shard=scenario.shard,
     )
     opts = wrapped if scenario.multi else [wrapped]
     assert len(opts) == len(ref_opts)
@@ -266,6 +268,8 @@ def parity_body(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any
             s.step()
         for n, g in last_grads[0].items():
             g2 = last_grads[1][n]
+            if scenario.shard and g2 is None:
+                continue  # sharded: .grad only where this rank holds the whole gradient
             assert (g is None) == (g2 is None), f"[{scenario.name}] step {step}: grad of {n} None on one side"
             if g is not None:
                 _close(g2, g, scenario, f"step {step} grad {n}")

@@ -35,6 +35,7 @@ class FunctionalAdam(FunctionalOptimizer):
     torch_optimizer = torch.optim.Adam
     folds_grad_scale = True
     takes_found_inf = True
+    elementwise = True
 
     def __init__(
         self,
@@ -64,19 +65,19 @@ class FunctionalAdam(FunctionalOptimizer):
             decoupled_weight_decay=decoupled_weight_decay,
         )
 
-    def _has_state(self, group: dict[str, Any], params: list[Tensor], cache: dict[str, Any]) -> bool:
+    def _has_state(self, group: dict[str, Any], keys: list[Tensor], cache: dict[str, Any]) -> bool:
         """Whether every parameter already has its Adam state (no new state to create)."""
         if self._cached_state(cache, self._signature(group)) is not None:
             return True
         state = self.state
-        return all(len(state.get(p, ())) > 0 for p in params)
+        return all(len(state.get(k, ())) > 0 for k in keys)
 
     @staticmethod
     def _signature(group: dict[str, Any]) -> tuple[bool, bool, bool]:
         return (bool(group["amsgrad"]), bool(group.get("fused")), bool(group.get("capturable")))
 
     def _state_lists(
-        self, group: dict[str, Any], params: list[Tensor], cache: dict[str, Any]
+        self, group: dict[str, Any], params: list[Tensor], cache: dict[str, Any], keys: list[Tensor]
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], bool]:
         amsgrad = bool(group["amsgrad"])
         signature = self._signature(group)
@@ -85,8 +86,8 @@ class FunctionalAdam(FunctionalOptimizer):
             return lists
         state = self.state
         steps, exp_avgs, exp_avg_sqs, max_sqs = [], [], [], []
-        for p in params:
-            st = state[p]
+        for p, k in zip(params, keys):
+            st = state[k]
             if len(st) == 0:
                 st["step"] = new_step(p, group)
                 st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -114,13 +115,15 @@ class FunctionalAdam(FunctionalOptimizer):
         cache: dict[str, Any],
         grad_scale: Tensor | None = None,
         found_inf: Tensor | None = None,
+        keys: list[Tensor] | None = None,
     ) -> None:
-        if found_inf is not None and not self._has_state(group, params, cache):
+        keys = params if keys is None else keys
+        if found_inf is not None and not self._has_state(group, keys, cache):
             # A skipped first step must not create state: decide on the host before that.
             if skip_on_host(found_inf):
                 return
             found_inf = None
-        steps, exp_avgs, exp_avg_sqs, max_sqs, has_complex = self._state_lists(group, params, cache)
+        steps, exp_avgs, exp_avg_sqs, max_sqs, has_complex = self._state_lists(group, params, cache, keys)
         fused_ok = cache.get("fused_ok")
         if fused_ok is None:
             # Only on CPU does the fused kernel share torch's default state layout (a CPU

@@ -298,6 +298,7 @@ class FunctionalOptimizer:
         cache: dict[str, Any] | None = None,
         grad_scale: Tensor | None = None,
         found_inf: Tensor | None = None,
+        keys: list[Tensor] | None = None,
     ) -> None:
         """Update ``params`` of group ``group_index`` with ``grads`` in one kernel call.
 
@@ -328,6 +329,11 @@ class FunctionalOptimizer:
         kernels take it) makes the update a no-op, parameters and state untouched, where it
         is nonzero. A fused kernel decides that on the device; any other update reads it on
         the host first (on CUDA, a wait for the device).
+
+        ``keys`` (sharded training) are the parameters whose ``state`` entries hold the state of
+        ``params``, which are then pieces of them (flat views of element ranges): state is
+        looked up and created under the key, shaped like the piece. Only for optimizers with
+        an element-wise update (:attr:`elementwise`).
         """
         group = self._holder.param_groups[group_index]
         cache = cache if cache is not None else {}
@@ -344,12 +350,20 @@ class FunctionalOptimizer:
                 extra["grad_scale"] = grad_scale
             if found_inf is not None:
                 extra["found_inf"] = found_inf
+            if keys is not None:
+                extra["keys"] = keys
             self._update(group, params, grads, cache, **extra)
 
     #: Whether :meth:`_update` accepts ``grad_scale`` (and divides by it itself).
     folds_grad_scale: ClassVar[bool] = False
     #: Whether :meth:`_update` accepts ``found_inf`` (and skips the update where it is set).
     takes_found_inf: ClassVar[bool] = False
+    #: Whether the update is element-wise: each element of a parameter is updated from the same
+    #: element of its gradient and state alone, so a parameter can be cut into pieces updated on
+    #: different ranks (sharded training), with ``keys`` accepted by :meth:`_update`. ``False``
+    #: for updates that need a whole tensor (factored or orthogonalised updates, unknown
+    #: optimizers): those are sharded by whole parameters.
+    elementwise: ClassVar[bool] = False
 
     def _update(
         self,

@@ -35,6 +35,7 @@ Example:
 from __future__ import annotations
 
 import inspect
+from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -103,18 +104,31 @@ class StepRestricted(FunctionalOptimizer):
         params: list[Tensor],
         grads: list[Tensor],
         cache: dict[str, Any],
+        keys: list[Tensor] | None = None,
     ) -> None:
         saved = [p.grad for p in params]
         try:
             for p, g in zip(params, grads):
                 p.grad = g
-            self._step(self._view(group, params))
+            view = self._view(group, params)
+            if keys is None:
+                self._step(view)
+                return
+            # Pieces of parameters: the step sees each piece's state under the piece, and
+            # whatever it leaves there goes back under the parameter it belongs to.
+            state = self._holder.state
+            pieces = defaultdict(dict, {p: state[k] for p, k in zip(params, keys) if k in state})
+            view.__dict__["state"] = pieces
+            self._step(view)
+            for p, k in zip(params, keys):
+                if p in pieces:
+                    state[k] = pieces[p]
         finally:
             for p, s in zip(params, saved):
                 p.grad = s
 
 
-def restricted(optimizer: type[Optimizer]) -> type[StepRestricted]:
+def restricted(optimizer: type[Optimizer], elementwise: bool = False) -> type[StepRestricted]:
     """A :class:`StepRestricted` subclass fixed to ``optimizer`` (constructible like it).
 
     Example:
@@ -132,6 +146,7 @@ def restricted(optimizer: type[Optimizer]) -> type[StepRestricted]:
         (StepRestricted,),
         {
             "torch_optimizer": optimizer,
+            "elementwise": elementwise,
             "__doc__": f"{optimizer.__name__}'s own update, run one bucket at a time "
             "(see :mod:`overlap_sgd.functional.generic`).",
             "__module__": __name__,

@@ -3,6 +3,9 @@
 Each runs torch's own algorithm (and so its functional kernel, and every option of the class)
 on one bucket at a time, through :mod:`overlap_sgd.functional.generic`. State lives in the
 wrapped optimizer under torch's keys, so state dicts interchange with the plain torch class.
+Those whose update is element-wise are declared so (sharded training cuts their parameters
+into element ranges); Adafactor (factored second moments), Muon (orthogonalised matrix
+updates) and SparseAdam are sharded by whole parameters.
 
 Example:
     >>> import torch
@@ -32,14 +35,14 @@ __all__ = [
     "FunctionalSparseAdam",
 ]
 
-FunctionalAdagrad = restricted(torch.optim.Adagrad)
-FunctionalAdadelta = restricted(torch.optim.Adadelta)
-FunctionalAdamax = restricted(torch.optim.Adamax)
-FunctionalRMSprop = restricted(torch.optim.RMSprop)
-FunctionalRprop = restricted(torch.optim.Rprop)
-FunctionalNAdam = restricted(torch.optim.NAdam)
-FunctionalRAdam = restricted(torch.optim.RAdam)
-FunctionalASGD = restricted(torch.optim.ASGD)
+FunctionalAdagrad = restricted(torch.optim.Adagrad, elementwise=True)
+FunctionalAdadelta = restricted(torch.optim.Adadelta, elementwise=True)
+FunctionalAdamax = restricted(torch.optim.Adamax, elementwise=True)
+FunctionalRMSprop = restricted(torch.optim.RMSprop, elementwise=True)
+FunctionalRprop = restricted(torch.optim.Rprop, elementwise=True)
+FunctionalNAdam = restricted(torch.optim.NAdam, elementwise=True)
+FunctionalRAdam = restricted(torch.optim.RAdam, elementwise=True)
+FunctionalASGD = restricted(torch.optim.ASGD, elementwise=True)
 FunctionalAdafactor = restricted(torch.optim.Adafactor)
 FunctionalMuon = restricted(torch.optim.Muon)
 FunctionalSparseAdam = restricted(torch.optim.SparseAdam)

@@ -38,6 +38,7 @@ class FunctionalSGD(FunctionalOptimizer):
     supports_sparse = True
     folds_grad_scale = True
     takes_found_inf = True
+    elementwise = True
 
     def __init__(
         self,
@@ -71,8 +72,10 @@ class FunctionalSGD(FunctionalOptimizer):
         cache: dict[str, Any],
         grad_scale: Tensor | None = None,
         found_inf: Tensor | None = None,
+        keys: list[Tensor] | None = None,
     ) -> None:
         momentum = group["momentum"]
+        keys = params if keys is None else keys
         sparse = cache.get("sparse")
         if sparse is None:
             sparse = cache["sparse"] = any(g.is_sparse for g in grads)
@@ -95,7 +98,7 @@ class FunctionalSGD(FunctionalOptimizer):
             bufs = self._cached_state(cache, signature)
             if bufs is None:
                 state = self.state
-                bufs = [state[p].get("momentum_buffer") if p in state else None for p in params]
+                bufs = [state[k].get("momentum_buffer") if k in state else None for k in keys]
                 fresh = True
                 if found_inf is not None and None in bufs:
                     # A skipped first step must not create momentum buffers (the fused kernel
@@ -109,7 +112,8 @@ class FunctionalSGD(FunctionalOptimizer):
                     for keep_new in (False, True):
                         idx = [i for i, b in enumerate(bufs) if (b is None) == keep_new]
                         self._update(
-                            group, [params[i] for i in idx], [grads[i] for i in idx], {}, grad_scale
+                            group, [params[i] for i in idx], [grads[i] for i in idx], {}, grad_scale,
+                            keys=[keys[i] for i in idx],
                         )
                     return
         if found_inf is not None and kernel != KernelChoice.FUSED:
@@ -134,6 +138,6 @@ class FunctionalSGD(FunctionalOptimizer):
         )
         if fresh:
             state = self.state
-            for p, buf in zip(params, bufs):
-                state[p]["momentum_buffer"] = buf
+            for k, buf in zip(keys, bufs):
+                state[k]["momentum_buffer"] = buf
             self._store_state(cache, (True,), bufs)

@@ -93,6 +93,7 @@ class BucketPlan:
         self._views_key = None
         self.segments: list[Segment] = []
         self._parts: dict[int, list[Part]] = {}
+        self._subsets: dict[tuple[Any, ...], Part] = {}
         self._unowned: dict[tuple[int, int], list[int]] = {}
         self._views_lock = threading.Lock()
         self._scale: tuple[int, Tensor] | None = None
@@ -111,7 +112,12 @@ class BucketPlan:
         #: Every optimizer here divides summed gradients inside its own kernel.
         self.folds_grad_scale = all(seg.optimizer.folds_grad_scale for seg in self.segments)
         #: Every optimizer's ``update`` takes ``found_inf`` (a subclass may override it without).
-        self.takes_found_inf = all(_takes_found_inf(type(seg.optimizer)) for seg in self.segments)
+        self.takes_found_inf = all(_takes(type(seg.optimizer), "found_inf") for seg in self.segments)
+        #: Every optimizer's update is element-wise and takes ``keys``: the bucket can be cut
+        #: into element ranges for sharded training.
+        self.elementwise = all(
+            seg.optimizer.elementwise and _takes(type(seg.optimizer), "keys") for seg in self.segments
+        )
         if self.sparse:
             for seg in self.segments:
                 if not seg.optimizer.supports_sparse:
@@ -158,6 +164,26 @@ class BucketPlan:
         self._parts[slice_numel] = parts
         return parts
 
+    def subset(self, positions: Sequence[int]) -> Part:
+        """A :class:`Part` of the parameters at ``positions`` wherever they sit in the bucket,
+        with segments of their own (own state caches), for :meth:`run`. Built once per set."""
+        key = ("subset", tuple(sorted(positions)))
+        cached = self._subsets.get(key)
+        if cached is not None:
+            return cached
+        chosen = set(positions)
+        segments = []
+        for whole in self.segments:
+            mine = [pos for pos in whole.positions if pos in chosen]
+            if mine:
+                segments.append(Segment(
+                    whole.optimizer, whole.optimizer_index, whole.group_index, mine,
+                    [self.params[pos] for pos in mine],
+                ))
+        part = Part(0, self.numel, segments, sorted(chosen))
+        self._subsets[key] = part
+        return part
+
     def matches(self, params: Sequence[Tensor]) -> bool:
         """Whether ``params`` is still this plan's parameter list (same objects, same order)."""
         mine = self.params
@@ -189,7 +215,8 @@ class BucketPlan:
         return self._views
 
     def _all_segments(self) -> list[Segment]:
-        return self.segments + [seg for parts in self._parts.values() for part in parts for seg in part.segments]
+        parts = [part for parts in self._parts.values() for part in parts] + list(self._subsets.values())
+        return self.segments + [seg for part in parts for seg in part.segments]
 
     def _views_of(self, result: Tensor) -> list[Tensor]:
         if self.sparse:
@@ -385,15 +412,24 @@ class BucketPlan:
             torch._amp_foreach_non_finite_check_and_unscale_(grads, found, self._one())
         return found
 
+    def non_finite_flags(self, result: Tensor) -> Tensor:
+        """Per bucket parameter, a float32 flag on the device: 1 where its gradient in
+        ``result`` holds inf or NaN (computed on the device, never read here)."""
+        views = self.views(result)
+        if not views:
+            return torch.zeros(0, dtype=torch.float32, device=self.device)
+        return torch.stack([~torch.isfinite(v).all() for v in views]).to(torch.float32)
+
     def _one(self) -> Tensor:
         if self._unit is None:
             self._unit = torch.ones((), dtype=torch.float32, device=self.device)
         return self._unit
 
 
-def _takes_found_inf(cls: type) -> bool:
+def _takes(cls: type, argument: str) -> bool:
+    """Whether ``cls.update`` accepts the keyword ``argument`` (a subclass may override it without)."""
     params = inspect.signature(cls.update).parameters
-    return "found_inf" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return argument in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def _key(t: Tensor) -> tuple[Any, ...] | None:

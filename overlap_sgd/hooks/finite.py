@@ -24,7 +24,7 @@ Example:
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -74,8 +74,9 @@ class FiniteCheck:
         self.where = where
         self._deferrable = deferrable
         self._lock = threading.Lock()
-        #: (plan, communicated bucket, device flag) of the buckets updated since the last read.
-        self._deferred: list[tuple[BucketPlan, Tensor, Tensor]] = []
+        #: (bucket index, device flag, names of the bad parameters) of the buckets updated since
+        #: the last read; the names are worked out only for a bad bucket.
+        self._deferred: list[tuple[int, Tensor, Callable[[], list[str]]]] = []
 
     def on_device(self, plan: BucketPlan) -> bool:
         """Whether ``plan``'s verdict stays on the device until ``step()``."""
@@ -93,10 +94,28 @@ class FiniteCheck:
         """
         if self.on_device(plan):
             found = plan.non_finite(result)
+            names = lambda: plan.check_finite(result) or [plan.names[p] for p in plan.owned_positions()]  # noqa: E731
             with self._lock:
-                self._deferred.append((plan, result, found))
+                self._deferred.append((plan.index, found, names))
             return found
         bad = plan.check_finite(result)
+        if bad:
+            raise NonFiniteGradientError(bad, plan.index)
+        return None
+
+    def verdict_of_flags(self, plan: BucketPlan, flags: Tensor) -> Tensor | None:
+        """Like :meth:`verdict`, from per-parameter flags already computed (nonzero: that bucket
+        parameter's gradient holds inf/NaN), e.g. reduced over the ranks of sharded training."""
+
+        def names() -> list[str]:
+            return [plan.names[pos] for pos, bad in enumerate(flags.tolist()) if bad]
+
+        if self.on_device(plan):
+            found = flags.amax().to(torch.float32) if flags.numel() else flags.new_zeros((), dtype=torch.float32)
+            with self._lock:
+                self._deferred.append((plan.index, found, names))
+            return found
+        bad = names()
         if bad:
             raise NonFiniteGradientError(bad, plan.index)
         return None
@@ -108,11 +127,10 @@ class FiniteCheck:
             deferred, self._deferred = self._deferred, []
         if not deferred:
             return
-        flags = torch.stack([found for _, _, found in deferred]).tolist()
-        for (plan, result, _), bad in zip(deferred, flags):
+        flags = torch.stack([found for _, found, _ in deferred]).tolist()
+        for (index, _, names), bad in zip(deferred, flags):
             if bad:
-                names = plan.check_finite(result) or [plan.names[p] for p in plan.owned_positions()]
-                raise NonFiniteGradientError(names, plan.index)
+                raise NonFiniteGradientError(names(), index)
 
     def discard(self) -> None:
         """Forget verdicts nobody read (a backward that raised before its step)."""

@@ -134,14 +134,16 @@ class Completion:
         self._inner.set_result(None)
 
 
-def gather(futures: Sequence[Future], value: Tensor) -> Future:
+def gather(futures: Sequence[Future], value: Tensor, done: Completion | None = None) -> Future:
     """A future that completes with ``value`` once every one of ``futures`` has completed,
     ordered (on CUDA) after each of them, or fails with the first of their errors.
 
     Unlike :func:`torch.futures.collect_all`, the result carries CUDA events: it is completed
-    on a stream that first waited for every one of ``futures``.
+    on a stream that first waited for every one of ``futures``. ``done``: complete this
+    :class:`Completion` (made earlier) instead of a new one.
     """
-    done = Completion(value.device)
+    if done is None:
+        done = Completion(value.device)
 
     def finish() -> None:
         try:

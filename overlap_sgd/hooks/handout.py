@@ -51,6 +51,11 @@ class GradHandout:
         self._handed[(plan.index, -1 if part is None else part.start)] = pairs
         plan.hand_out(result, used, part, pairs)
 
+    def keep(self, key: tuple[int, int], pairs: list[tuple[Tensor, Tensor]]) -> None:
+        """Record ``(parameter, view)`` pairs handed out as ``.grad`` by someone else (the
+        sharded hook), to be reclaimed like :meth:`hand_out`'s."""
+        self._handed[key] = pairs
+
     def reclaim(self, params: Sequence[Tensor] | None = None, zero: bool = False) -> None:
         """Give each parameter whose ``.grad`` is still a bucket view a tensor of its own.
 
@@ -79,9 +84,10 @@ class GradHandout:
     def record_probe(self, plans: dict[int, BucketPlan]) -> None:
         """At the end of backward: remember one updated parameter's gradient as it is now."""
         if self._probe is None:
+            handed = [p for pairs in self._handed.values() for p, _ in pairs[:1]]
             plan = plans.get(0)
             segments = plan.segments if plan is not None else []
-            self._probe = segments[0].params[0] if segments else None
+            self._probe = handed[0] if handed else (segments[0].params[0] if segments else None)
         self._remember(self._probe)
 
     def _remember(self, probe: Tensor | None) -> None:

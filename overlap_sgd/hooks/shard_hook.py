@@ -1,0 +1,409 @@
+"""The sharded overlap hook: optimizer state split across ranks (ZeRO-1), updated in backward.
+
+Per bucket, as soon as its gradients are communicated, each rank updates only its share of the
+bucket, keeping optimizer state only for that share, and the updated parameters are gathered
+back to every rank, while later buckets are still communicating:
+
+- element-wise optimizers (:class:`~overlap_sgd.hooks.layout.ElementLayout`): the bucket's
+  gradients are reduce-scattered (summed), each rank updates its element range with one fused
+  or multi-tensor kernel per param group (the averaging folded in), and the updated ranges are
+  all-gathered into the bucket buffer and copied into the parameters. Reduce-scatter and
+  all-gather move the bytes of one all-reduce; each rank's update work and state drop to 1/N.
+- whole-tensor optimizers (Adafactor, Muon, the generic path) and per-parameter norm clipping
+  (:class:`~overlap_sgd.hooks.layout.ParamLayout`): the bucket is all-reduced (averaged),
+  each rank updates the parameters it owns, and they are all-gathered from their owners
+  (half as many bytes again as one all-reduce).
+
+The all-gathers run on a process group of their own, issued in bucket order on every rank by a
+:class:`~overlap_sgd.hooks.collectives.Sequencer`, since buckets finish their updates in any
+order. The future handed back to DDP completes once the bucket's parameters hold their new
+values on this rank (on CUDA: on the update's stream, after the copy).
+
+``.grad`` after backward: the averaged gradient, for each parameter whose gradient this rank
+holds whole (every parameter with whole-parameter sharding; with element ranges, the
+parameters entirely inside its range); ``None`` for the others (they exist only as pieces on
+several ranks). Parameters no rank used keep their ``.grad``, as DDP leaves them.
+
+Example (inside an initialised process group; most users call ``overlap(..., shard=True)``)::
+
+    hook, state = make_shard_hook([FunctionalAdamW.bind(opt)], process_group=ddp.process_group,
+                                  gather_group=dist.new_group(), params=list(ddp.parameters()))
+    ddp.reducer._set_optimizer_in_backward()    # DDP must not copy the buckets into .grad
+    ddp.register_comm_hook(state, hook)
+"""
+
+# No "from __future__ import annotations": DDP checks the hook's annotations at runtime.
+
+from collections.abc import Sequence
+from typing import Any, Callable, Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.futures import Future
+
+from ..functional import FunctionalOptimizer
+from .bucket import BucketPlan, Part
+from .collectives import Sequencer, Waiter, all_gather, all_reduce, broadcast, reduce_scatter
+from .executor import Executor
+from .futures import Completion, gather, when_all
+from .layout import ElementLayout, ParamLayout, flat
+from .shard_state import ElementHome, OwnerHome, StateShards
+from .state import HookState
+from .used import UsedLaunch
+
+__all__ = ["ShardHookState", "make_shard_hook", "shard_hook"]
+
+Layout = Union[ElementLayout, ParamLayout]
+
+
+class ShardHookState(HookState):
+    """Everything the sharded hook needs, shared by all buckets of one DDP model.
+
+    Takes :class:`~overlap_sgd.hooks.state.HookState`'s arguments, and:
+
+    Args:
+        gather_group: a process group over the same ranks as ``process_group``, for the
+            all-gathers of updated parameters (see the module docs).
+        by_params: shard every bucket by whole parameters (what per-parameter norm clipping
+            needs); otherwise buckets whose optimizers are all element-wise are cut into
+            element ranges.
+    """
+
+    def __init__(
+        self,
+        optimizers: Sequence[FunctionalOptimizer],
+        *,
+        gather_group: Optional[dist.ProcessGroup] = None,
+        by_params: bool = False,
+        **options: Any,
+    ):
+        super().__init__(optimizers, **options)
+        self.gather_group = gather_group
+        self.by_params = by_params
+        self.rank = dist.get_rank(self.process_group)
+        self.shards = StateShards(self.optimizers, self.process_group)
+        self.sequencer = Sequencer()
+        self._layouts: dict[int, Layout] = {}
+        self._grad_shards: dict[int, Tensor] = {}
+        self._waiter: Optional[Waiter] = None
+
+    @property
+    def waiter(self) -> Waiter:
+        """Waits for collectives whose backend gives no future (gloo's reduce-scatter)."""
+        if self._waiter is None:
+            self._waiter = Waiter()
+        return self._waiter
+
+    def layout_for(self, plan: BucketPlan) -> Layout:
+        """The layout of ``plan``'s bucket, built (and the state of its parameters moved to its
+        new homes: a collective where they had other homes) when the plan is new."""
+        layout = self._layouts.get(plan.index)
+        if layout is not None and layout.plan is plan:
+            return layout
+        world = self.world_size
+        if self.by_params or not plan.elementwise:
+            loads = [0] * world
+            for index, other in self._layouts.items():
+                if index != plan.index and isinstance(other, ParamLayout):
+                    for r, positions in enumerate(other.positions):
+                        loads[r] += sum(other.plan.params[pos].numel() for pos in positions)
+            layout = ParamLayout(plan, world, self.rank, loads)
+            homes = [(plan.params[pos], OwnerHome(r)) for pos, r in layout.owner.items()]
+        else:
+            layout = ElementLayout(plan, world, self.rank)
+            offsets, offset = [], 0
+            for p in plan.params:
+                offsets.append(offset)
+                offset += p.numel()
+            homes = [
+                (plan.params[pos], ElementHome(offsets[pos], plan.params[pos].numel(), plan.numel, world))
+                for pos in plan.owned_positions()
+            ]
+            self._grad_shards[plan.index] = torch.empty(
+                layout.stop - layout.start, dtype=plan.dtype, device=plan.device
+            )
+        self.shards.claim(homes)
+        self._layouts[plan.index] = layout
+        return layout
+
+    def invalidate(self) -> None:
+        super().invalidate()
+        self._layouts.clear()
+        self._grad_shards.clear()
+
+    def begin_backward(self, executor: Executor) -> None:
+        super().begin_backward(executor)
+        self.sequencer.reset()
+
+    def close(self) -> None:
+        super().close()
+        if self._waiter is not None:
+            self._waiter.close()
+
+
+def shard_hook(state: ShardHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP comm hook: communicate ``bucket`` and update this rank's share of it; see the module docs."""
+    plan = state.plan_for(bucket)
+    executor = state.executor(plan.device)
+    if bucket.index() == 0:
+        state.begin_backward(executor)
+    layout = state.layout_for(plan)
+    if isinstance(layout, ElementLayout):
+        future = _by_elements(state, bucket, plan, layout, executor)
+    else:
+        future = _by_params(state, bucket, plan, layout, executor)
+    if bucket.is_last():
+        executor.release()
+    return future
+
+
+def _future(used: Optional[UsedLaunch]) -> Optional[Future]:
+    return None if used is None else used.future
+
+
+def _chain(first: Future, done: Completion) -> None:
+    """Fail ``done`` if ``first`` failed (its successor will then never be launched)."""
+
+    def check() -> None:
+        try:
+            first.wait()
+        except Exception as exc:
+            done.set_error(exc)
+
+    when_all([first], check)
+
+
+def _by_elements(
+    state: ShardHookState, bucket: dist.GradBucket, plan: BucketPlan, layout: ElementLayout, executor: Executor
+) -> Future:
+    buffer = bucket.buffer()
+    world, chunk, tail = layout.world, layout.chunk, layout.tail
+    main = world * chunk
+    group = state.process_group
+    shard = state._grad_shards[plan.index]
+    futures = []
+    if chunk:
+        futures.append(reduce_scatter(shard[:chunk], buffer[:main], group, state.waiter))
+    if tail:
+        futures.append(all_reduce(buffer[main:], group))
+    flags = None
+    if state.finite is not None:  # the verdict must be the same on every rank: reduce it
+        flags = plan.non_finite_flags(buffer)
+        futures.append(all_reduce(flags, group, dist.ReduceOp.MAX))
+    used = state.launch_used(plan)
+    done = Completion(plan.device)
+    landed = gather(futures, shard)
+    local = None if used is None else used.local
+    scale = plan.grad_scale(world)
+    last = layout.rank == world - 1
+
+    def update(result: Tensor, reduced: Optional[Tensor]) -> None:
+        used_flags = None
+        try:
+            with torch.profiler.record_function(f"bucket{plan.index}/update"):
+                if tail and last:
+                    shard[chunk:].copy_(buffer[main:])
+                used_flags = plan.unused_flags(local, reduced)
+                found = None if flags is None else state.finite.verdict_of_flags(plan, flags)
+                _update_pieces(state, plan, layout, shard, used_flags, scale, found)
+        except Exception as exc:
+            state.record_error(exc)
+        finally:
+            # Whatever happened, this rank takes part in the all-gather.
+            try:
+                _hand_out_pieces(state, plan, layout, shard, buffer, used_flags)
+            except Exception as exc:
+                state.record_error(exc)
+            layout.pack(buffer[layout.start : layout.stop])
+            state.sequencer.submit(plan.index, lambda: _gather_elements(state, plan, layout, buffer, executor, done),
+                                   plan.device)
+
+    _chain(executor.after(landed, _future(used), update), done)
+    return done.future
+
+
+def _update_pieces(
+    state: ShardHookState,
+    plan: BucketPlan,
+    layout: ElementLayout,
+    shard: Tensor,
+    used: Optional[list[int]],
+    scale: Tensor,
+    found: Optional[Tensor],
+) -> None:
+    """Update this rank's pieces: one kernel call per (optimizer, param group)."""
+    grads = layout.grads(shard)
+    clip = state.clip
+    if clip is not None or used is not None or found is not None:
+        shard.div_(scale)  # averaged first: clipping and skipping need the true gradients
+        scale = None
+    owned = {pc.pos for seg in layout.segments for pc in seg.pieces}
+    if scale is not None:  # a piece no optimizer updates is still averaged, for .grad
+        rest = [grads[pc.pos] for pc in layout.pieces if pc.pos not in owned]
+        if rest:
+            torch._foreach_div_(rest, scale)
+    for seg in layout.segments:
+        params, gs, keys = [], [], []
+        for pc, view, key in zip(seg.pieces, seg.params, seg.keys):
+            if used is None or used[pc.pos]:
+                params.append(view)
+                gs.append(grads[pc.pos])
+                keys.append(key)
+            elif key.grad is not None:  # no rank used it: post-backward steps with the old .grad
+                params.append(view)
+                gs.append(flat(key.grad)[pc.lo : pc.hi])
+                keys.append(key)
+        if not params:
+            continue
+        if clip is not None:
+            clip.apply(gs)
+        options: dict[str, Any] = {"keys": keys}
+        if scale is not None:
+            options["grad_scale"] = scale
+        if found is not None:
+            options["found_inf"] = found
+        cache = seg.cache if len(params) == len(seg.params) else None
+        seg.optimizer.update(seg.group_index, params, gs, cache, **options)
+
+
+def _hand_out_pieces(
+    state: ShardHookState, plan: BucketPlan, layout: ElementLayout, shard: Tensor, buffer: Tensor,
+    used: Optional[list[int]],
+) -> None:
+    """``.grad``: the averaged gradient where this rank holds a parameter's whole gradient."""
+    whole = {pc.pos: pc for pc in layout.pieces if pc.pos in set(layout.whole)}
+    pairs = []
+    storage = buffer.untyped_storage().data_ptr()
+    for pos, p in enumerate(plan.params):
+        if used is not None and not used[pos]:
+            # No rank used it: DDP leaves its .grad, unless that is a view of the bucket,
+            # which is about to hold parameters.
+            if p.grad is not None and p.grad.untyped_storage().data_ptr() == storage:
+                p.grad = None
+            continue
+        pc = whole.get(pos)
+        if pc is None:
+            p.grad = None
+            continue
+        # The shard holds the gradient in the parameter's memory order.
+        view = shard.as_strided(p.shape, p.stride(), shard.storage_offset() + pc.at)
+        if not state.grad_views:
+            view = view.clone()
+        else:
+            pairs.append((p, view))
+        p.grad = view
+    state.handout.keep((plan.index, -1), pairs)
+
+
+def _gather_elements(
+    state: ShardHookState, plan: BucketPlan, layout: ElementLayout, buffer: Tensor, executor: Executor,
+    done: Completion,
+) -> None:
+    """All-gather the updated ranges into the bucket, then copy them into the parameters."""
+    world, chunk, tail = layout.world, layout.chunk, layout.tail
+    main = world * chunk
+    futures = []
+    if chunk:
+        mine = buffer[layout.start : layout.start + chunk]
+        futures.append(all_gather(buffer[:main], mine, state.gather_group, state.waiter))
+    if tail:
+        futures.append(broadcast(buffer[main:], world - 1, state.gather_group))
+    views = plan.views(buffer)
+    targets = [flat(p) for p in plan.params]
+    sources = [v.reshape(-1) if v.is_contiguous() else flat(v) for v in views]
+
+    def copy_out(result: Tensor, _flags: Optional[Tensor]) -> None:
+        torch._foreach_copy_(targets, sources)
+
+    gather([executor.after(gather(futures, buffer), None, copy_out)], buffer, done)
+
+
+def _by_params(
+    state: ShardHookState, bucket: dist.GradBucket, plan: BucketPlan, layout: ParamLayout, executor: Executor
+) -> Future:
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    comm = default_hooks.allreduce_hook(state.process_group, bucket)  # averaged
+    used = state.launch_used(plan)
+    done = Completion(plan.device)
+    local = None if used is None else used.local
+    part = _owned_part(plan, layout)
+
+    def update(result: Tensor, reduced: Optional[Tensor]) -> None:
+        used_flags = None
+        try:
+            with torch.profiler.record_function(f"bucket{plan.index}/update"):
+                used_flags = plan.unused_flags(local, reduced)
+                found = None
+                if state.finite is not None:
+                    found = state.finite.verdict(plan, result)
+                plan.run(result, used_flags, state.clip, part, None, found)
+        except Exception as exc:
+            state.record_error(exc)
+        finally:
+            try:
+                state.hand_out_grads(plan, result, used_flags, None)
+            except Exception as exc:
+                state.record_error(exc)
+            mine = _pack_owned(plan, layout)
+            state.sequencer.submit(plan.index, lambda: _gather_params(state, plan, layout, mine, result, executor, done),
+                                   plan.device)
+
+    _chain(executor.after(comm, _future(used), update), done)
+    return done.future
+
+
+def _owned_part(plan: BucketPlan, layout: ParamLayout) -> Part:
+    """A :class:`~overlap_sgd.hooks.bucket.Part` with the segments of this rank's parameters."""
+    return plan.subset(layout.mine())
+
+
+def _pack_owned(plan: BucketPlan, layout: ParamLayout) -> Tensor:
+    out = torch.empty(layout.slot, dtype=plan.dtype, device=plan.device)
+    offset = 0
+    for pos in layout.mine():
+        n = plan.params[pos].numel()
+        out[offset : offset + n].copy_(flat(plan.params[pos]))
+        offset += n
+    return out
+
+
+def _gather_params(
+    state: ShardHookState, plan: BucketPlan, layout: ParamLayout, mine: Tensor, result: Tensor,
+    executor: Executor, done: Completion,
+) -> None:
+    slot = layout.slot
+    everything = torch.empty(slot * layout.world, dtype=plan.dtype, device=plan.device)
+    landed = all_gather(everything, mine, state.gather_group, state.waiter) if slot else None
+    targets, sources = [], []
+    for r, positions in enumerate(layout.positions):
+        if r == layout.rank:
+            continue
+        offset = r * slot
+        for pos in positions:
+            n = plan.params[pos].numel()
+            targets.append(flat(plan.params[pos]))
+            sources.append(everything[offset : offset + n])
+            offset += n
+
+    def copy_out(_result: Tensor, _flags: Optional[Tensor]) -> None:
+        if targets:
+            torch._foreach_copy_(targets, sources)
+
+    if landed is None:
+        ready: Future = Future()
+        ready.set_result(result)
+        landed = ready
+    gather([executor.after(landed, None, copy_out)], result, done)
+
+
+def make_shard_hook(
+    optimizers: Sequence[FunctionalOptimizer],
+    **options: Any,
+) -> "tuple[Callable[[ShardHookState, dist.GradBucket], torch.futures.Future[torch.Tensor]], ShardHookState]":
+    """Build ``(hook, state)`` for ``DistributedDataParallel.register_comm_hook(state, hook)``.
+
+    ``options`` are :class:`ShardHookState`'s keyword arguments.
+    """
+    return shard_hook, ShardHookState(optimizers, **options)
