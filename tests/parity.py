@@ -290,7 +290,15 @@ def parity_body(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any
                 else:
                     assert sd["state"][k][key] == v, f"[{scenario.name}] state {k}/{key}"
     state = ovl._overlap_sgd_state
+    held = sum(v.numel() for o in opts for st in o.state.values() for v in st.values()
+               if isinstance(v, torch.Tensor) and v.dim() > 0)
+    whole = sum(v.numel() for o in ref_opts for st in o.state.values() for v in st.values()
+                if isinstance(v, torch.Tensor) and v.dim() > 0)
     return {
+        # Elements of optimizer state this rank holds, and a whole (unsharded) state's.
+        "state_held": held,
+        "state_whole": whole,
+        "state_moved": getattr(getattr(state, "shards", None), "moved", 0),
         "name": scenario.name,
         "moved": moved,
         "lrs": [g["lr"] for o in opts for g in o.param_groups],

@@ -31,6 +31,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.futures import Future
 
+from .futures import gather
+
 __all__ = ["Sequencer", "Waiter", "all_gather", "all_reduce", "broadcast", "reduce_scatter"]
 
 # torch 2.13 names them *_single; earlier releases only know *_tensor.
@@ -73,12 +75,15 @@ class Waiter:
 
 
 def _future(work: dist.Work, value: Tensor, waiter: Waiter | None) -> Future:
+    """A future completed with ``value`` once ``work`` is done (a backend's own future holds
+    a list of tensors, which differs between collectives and backends)."""
     try:
-        return work.get_future()
+        fut = work.get_future()
     except RuntimeError:  # gloo: "Work::getFuture not implemented" for some collectives
         if waiter is None:
             raise
         return waiter.future(work, value)
+    return gather([fut], value)
 
 
 def reduce_scatter(out: Tensor, inp: Tensor, group: dist.ProcessGroup | None, waiter: Waiter | None) -> Future:

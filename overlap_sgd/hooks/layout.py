@@ -126,7 +126,8 @@ class ElementLayout:
                 )
         #: Positions of the parameters wholly inside this rank's range.
         self.whole = [pc.pos for pc in self.pieces if pc.lo == 0 and pc.hi == sizes[pc.pos]]
-        self._param_views = [flat(plan.params[pc.pos])[pc.lo : pc.hi] for pc in self.pieces]
+        #: Positions of the parameters an optimizer updates.
+        self.owned = set(plan.owned_positions())
 
     def key(self) -> tuple[Any, ...]:
         """What decides the layout: the bucket's parameters and the ranks."""
@@ -136,12 +137,21 @@ class ElementLayout:
         """Bucket position -> that parameter's piece of the gradient shard ``shard``."""
         return {pc.pos: shard[pc.at : pc.at + pc.numel] for pc in self.pieces}
 
-    def pack(self, out: Tensor) -> None:
-        """Copy this rank's range of the parameters' values into ``out`` (``stop - start``
-        elements), in bucket order."""
-        if self._param_views:
-            targets = [out[pc.at : pc.at + pc.numel] for pc in self.pieces]
-            torch._foreach_copy_(targets, self._param_views)
+    def pack(self, out: Tensor, shard: Tensor) -> None:
+        """Fill ``out`` (this rank's range of the bucket, ``stop - start`` elements) for the
+        all-gather: the updated values of the parameters an optimizer updates, and the averaged
+        gradient (from ``shard``) of those none does, which keep their values but whose
+        ``.grad`` every rank then gets whole, as DDP would give it."""
+        if not self.pieces:
+            return
+        targets, sources = [], []
+        for pc in self.pieces:
+            targets.append(out[pc.at : pc.at + pc.numel])
+            if pc.pos in self.owned:
+                sources.append(flat(self.plan.params[pc.pos])[pc.lo : pc.hi])
+            else:
+                sources.append(shard[pc.at : pc.at + pc.numel])
+        torch._foreach_copy_(targets, sources)
 
 
 def check_dense(params: Sequence[Tensor], names: dict[int, str]) -> None:

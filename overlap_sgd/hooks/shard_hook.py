@@ -215,9 +215,11 @@ def _by_elements(
                 _hand_out_pieces(state, plan, layout, shard, buffer, used_flags)
             except Exception as exc:
                 state.record_error(exc)
-            layout.pack(buffer[layout.start : layout.stop])
-            state.sequencer.submit(plan.index, lambda: _gather_elements(state, plan, layout, buffer, executor, done),
-                                   plan.device)
+            layout.pack(buffer[layout.start : layout.stop], shard)
+            state.sequencer.submit(
+                plan.index, lambda: _gather_elements(state, plan, layout, buffer, executor, done, used_flags),
+                plan.device,
+            )
 
     _chain(executor.after(landed, _future(used), update), done)
     return done.future
@@ -238,9 +240,8 @@ def _update_pieces(
     if clip is not None or used is not None or found is not None:
         shard.div_(scale)  # averaged first: clipping and skipping need the true gradients
         scale = None
-    owned = {pc.pos for seg in layout.segments for pc in seg.pieces}
-    if scale is not None:  # a piece no optimizer updates is still averaged, for .grad
-        rest = [grads[pc.pos] for pc in layout.pieces if pc.pos not in owned]
+    else:  # the fused kernels average the rest; a piece no optimizer updates is averaged here
+        rest = [grads[pc.pos] for pc in layout.pieces if pc.pos not in layout.owned]
         if rest:
             torch._foreach_div_(rest, scale)
     for seg in layout.segments:
@@ -276,6 +277,8 @@ def _hand_out_pieces(
     pairs = []
     storage = buffer.untyped_storage().data_ptr()
     for pos, p in enumerate(plan.params):
+        if pos not in layout.owned:
+            continue  # its .grad comes whole with the all-gather
         if used is not None and not used[pos]:
             # No rank used it: DDP leaves its .grad, unless that is a view of the bucket,
             # which is about to hold parameters.
@@ -298,7 +301,7 @@ def _hand_out_pieces(
 
 def _gather_elements(
     state: ShardHookState, plan: BucketPlan, layout: ElementLayout, buffer: Tensor, executor: Executor,
-    done: Completion,
+    done: Completion, used: Optional[list[int]],
 ) -> None:
     """All-gather the updated ranges into the bucket, then copy them into the parameters."""
     world, chunk, tail = layout.world, layout.chunk, layout.tail
@@ -310,11 +313,20 @@ def _gather_elements(
     if tail:
         futures.append(broadcast(buffer[main:], world - 1, state.gather_group))
     views = plan.views(buffer)
-    targets = [flat(p) for p in plan.params]
-    sources = [v.reshape(-1) if v.is_contiguous() else flat(v) for v in views]
+    owned = [pos for pos in range(len(plan.params)) if pos in layout.owned]
+    targets = [flat(plan.params[pos]) for pos in owned]
+    sources = [flat(views[pos]) for pos in owned]
+    unowned = [pos for pos in range(len(plan.params)) if pos not in layout.owned]
 
     def copy_out(result: Tensor, _flags: Optional[Tensor]) -> None:
-        torch._foreach_copy_(targets, sources)
+        if targets:
+            torch._foreach_copy_(targets, sources)
+        for pos in unowned:  # no optimizer updates it: the bucket brought its averaged .grad
+            p = plan.params[pos]
+            if used is not None and not used[pos]:
+                continue  # no rank used it: DDP leaves its .grad alone
+            if p.grad is None or not p.grad.is_set_to(views[pos]):
+                p.grad = views[pos].clone()
 
     gather([executor.after(gather(futures, buffer), None, copy_out)], buffer, done)
 
@@ -329,6 +341,7 @@ def _by_params(
     done = Completion(plan.device)
     local = None if used is None else used.local
     part = _owned_part(plan, layout)
+    others = [pos for pos, r in layout.owner.items() if r != layout.rank]
 
     def update(result: Tensor, reduced: Optional[Tensor]) -> None:
         used_flags = None
@@ -338,6 +351,10 @@ def _by_params(
                 found = None
                 if state.finite is not None:
                     found = state.finite.verdict(plan, result)
+                if state.clip is not None and others:
+                    # Their owners clip them before their update; so does every rank's .grad.
+                    views = plan.views(result)
+                    state.clip.apply([views[pos] for pos in others if used_flags is None or used_flags[pos]])
                 plan.run(result, used_flags, state.clip, part, None, found)
         except Exception as exc:
             state.record_error(exc)

@@ -86,6 +86,8 @@ class StateShards:
         self.group = group
         self.rank = dist.get_rank(group)
         self._homes: dict[int, tuple[Tensor, Home]] = {}
+        #: Count of parameters whose state was gathered to move to a new home.
+        self.moved = 0
 
     def home(self, param: Tensor) -> Home | None:
         entry = self._homes.get(id(param))
@@ -109,6 +111,7 @@ class StateShards:
         sharded home; every rank passes the same parameters and homes)."""
         moving = [p for p, home in assignments if self.home(p) is not None and self.home(p) != home]
         if moving:
+            self.moved += len(moving)
             whole = self.gather(moving)
             for p in moving:
                 state = self._state_of(p)
