@@ -376,6 +376,58 @@ def row_nan_check_finite(rank: int) -> dict:
     return result
 
 
+def row_nan_check_finite_sharded(rank: int) -> dict:
+    """shard=True, check_finite=True: every rank raises from backward() (the verdict is reduced
+    over the ranks), and the NaN bucket's parameters and each rank's state pieces are kept."""
+    model = ddp(net(), bucket_cap_mb=0.0001)
+    opt = overlap_sgd.overlap(model, torch.optim.Adam(model.parameters(), lr=0.01), check_finite=True, shard=True)
+    train(model, opt, range(NAN_STEP + 1), rank)  # two clean steps: past DDP's bucket rebuild
+    bias = model.module.head.bias
+    if rank == 0:
+        bias.register_hook(_nan_hook)
+    state_before = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()}
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+    result = attempt([], lambda: loss_of(model, NAN_STEP + 1, rank).backward())
+    plans = opt.hook_state._plans.values()
+    nan_bucket = next((plan.params for plan in plans if any(p is bias for p in plan.params)), [])
+    ids = set(map(id, nan_bucket))
+    result["unchanged"] = bool(nan_bucket) and all(
+        same(b, p.detach()) for b, p in zip(before, params) if id(p) in ids)
+    result["checks"]["bucket_state_unchanged"] = bool(nan_bucket) and all(
+        same_state(opt.state.get(p, {}), state_before[id(p)]) for p in nan_bucket)
+    result["checks"]["others_moved"] = any(
+        not same(b, p.detach()) for b, p in zip(before, params) if id(p) not in ids)
+    return result
+
+
+def row_shard_sparse(rank: int) -> dict:
+    model = ddp(SparseNet())
+    return attempt(list(model.parameters()),
+                   lambda: overlap_sgd.overlap(model, sgd(model), shard=True),
+                   model_still_usable=lambda: retry_works(model))
+
+
+class GappyNet(nn.Module):
+    """A parameter whose elements have gaps between them in memory (a strided slice)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = Net(width=8, depth=2)
+        self.scale = nn.Parameter(torch.ones(4, 8)[:, ::2])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) * self.scale.sum()
+
+
+def row_shard_gappy_param(rank: int) -> dict:
+    model = ddp(GappyNet())
+    return attempt(list(model.parameters()),
+                   lambda: overlap_sgd.overlap(model, sgd(model), shard=True),
+                   model_still_usable=lambda: retry_works(model))
+
+
 def _overlap_kwargs_row(*args: Any, **kwargs: Any) -> Callable[[int], dict]:
     def run(rank: int) -> dict:
         model = ddp()
@@ -450,6 +502,13 @@ ROWS = [
     Row("nan-default", row_nan_default, None),
     Row("nan-check-finite", row_nan_check_finite, NonFiniteGradientError, ("'head.bias'", "non-finite")),
     Row("sparse-sgd", row_sparse_sgd, None),
+    Row("shard-not-bool", _overlap_kwargs_row(shard=1), TypeError, ("shard", "int")),
+    Row("shard-with-comm-hook", _overlap_kwargs_row(default_hooks.fp16_compress_hook, shard=True), ValueError,
+        ("shard=True", "fp16_compress_hook", "shard=False")),
+    Row("shard-sparse", row_shard_sparse, ValueError, ("shard=True", "sparse", "'emb.weight'")),
+    Row("shard-gappy-param", row_shard_gappy_param, ValueError, ("'scale'", "gaps", "(8, 2)")),
+    Row("shard-nan-check-finite", row_nan_check_finite_sharded, NonFiniteGradientError,
+        ("'head.bias'", "non-finite")),
 ]
 
 
