@@ -42,12 +42,12 @@ def _snapshot(params, opt) -> list[torch.Tensor]:
     return out
 
 
-def _bad_bucket_training(rank: int, world_size: int, name: str, where: str) -> dict:
+def _bad_bucket_training(rank: int, world_size: int, name: str, where: str, shard: bool = False) -> dict:
     torch.manual_seed(0)
     net = Net()
     ref, ovl = DDP(twin(net), bucket_cap_mb=0.002), DDP(net, bucket_cap_mb=0.002)
     ref_opt = OPTIMIZERS[name](ref.parameters())
-    opt = overlap_sgd.overlap(ovl, OPTIMIZERS[name](ovl.parameters()), check_finite=where)
+    opt = overlap_sgd.overlap(ovl, OPTIMIZERS[name](ovl.parameters()), check_finite=where, shard=shard)
     initial = [p.detach().clone() for p in ovl.parameters()]
     host_reads = []
     out: dict = {}
@@ -126,6 +126,18 @@ def test_a_bad_bucket_is_left_untouched_and_reported(name: str, where: str) -> N
             assert (max(r["host_reads"]) == 0) == fused, r
         else:
             assert max(r["host_reads"]) == 0, "the host verdict path passed found_inf"
+
+
+@pytest.mark.parametrize("where", ["backward", "step"])
+@pytest.mark.parametrize("name", ["sgd-momentum", "adamw", "adagrad-generic"])
+def test_a_bad_bucket_is_left_untouched_when_sharded(name: str, where: str) -> None:
+    # Each rank checks its local gradients and the verdicts are reduced over the ranks, so
+    # every rank skips the same bucket and reports the same parameters.
+    for r in run_distributed(_bad_bucket_training, 2, name, where, True, timeout=90):
+        assert "'head.bias'" in r["message"] and "left untouched" in r["message"], r
+        assert r["untouched"], "the bad bucket's parameters or optimizer state changed"
+        if where == "step":
+            assert (r["reads_in_backward"] == 0) == (name != "adagrad-generic"), r
 
 
 def test_check_finite_true_reports_from_backward_on_cpu() -> None:

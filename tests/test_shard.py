@@ -248,3 +248,30 @@ def test_a_whole_state_resumes_on_another_world_size(tmp_path, saved_sharded: bo
             assert sharded[rank]["held"] < whole
         assert plain[rank]["held"] == whole
     assert sum(r["held"] for r in sharded) == plain[0]["held"]
+
+
+def _never_zeroed(rank: int, world_size: int) -> list[str]:
+    import warnings
+
+    torch.manual_seed(0)
+    model = DDP(Net(), bucket_cap_mb=0.004)
+    opt = overlap_sgd.overlap(model, torch.optim.SGD(model.parameters(), lr=0.05), shard=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(3):  # an eval forward between backward and step() is fine
+            x, y = batch(step, rank)
+            F.mse_loss(model(x), y).backward()
+            model(x)
+            opt.step()
+            if step == 0:
+                opt.zero_grad()
+    return [str(w.message) for w in caught if "not zeroed" in str(w.message)]
+
+
+def test_gradients_left_unzeroed_across_steps_are_reported() -> None:
+    # Sharded, a rank holds only some averaged gradients whole: gradients cannot accumulate
+    # across optimizer steps, and a loop that relies on it is told so (once), not trained wrongly
+    # in silence.
+    results = run_distributed(_never_zeroed, 2, timeout=60)
+    assert any(len(r) == 1 for r in results), results
+    assert all(len(r) <= 1 for r in results)

@@ -34,6 +34,7 @@ Example (inside an initialised process group; most users call ``overlap(..., sha
 
 # No "from __future__ import annotations": DDP checks the hook's annotations at runtime.
 
+import warnings
 from collections.abc import Sequence
 from typing import Any, Callable, Optional, Union
 
@@ -87,6 +88,9 @@ class ShardHookState(HookState):
         self._layouts: dict[int, Layout] = {}
         self._grad_shards: dict[int, Tensor] = {}
         self._waiter: Optional[Waiter] = None
+        #: (parameter, its .grad, that tensor's version) when step() was last called.
+        self._at_step: list[tuple[Tensor, Tensor, int]] = []
+        self._warned_unzeroed = False
 
     @property
     def waiter(self) -> Waiter:
@@ -135,6 +139,29 @@ class ShardHookState(HookState):
     def begin_backward(self, executor: Executor) -> None:
         super().begin_backward(executor)
         self.sequencer.reset()
+        self._at_step = []
+
+    def acknowledge_step(self, optimizer_index: int) -> None:
+        if not self._warned_unzeroed:
+            # Parameters an optimizer updates (others keep DDP's accumulating .grad).
+            params = [plan.params[pos] for plan in self.book.plans.values() for pos in plan.owned_positions()]
+            self._at_step = [(p, p.grad, p.grad._version) for p in params if p.grad is not None]
+        super().acknowledge_step(optimizer_index)
+
+    def reclaim_grads(self, params: Optional[Sequence[Tensor]] = None, zero: bool = False) -> None:
+        at_step, self._at_step = self._at_step, []
+        if params is None and any(p.grad is g and g._version == v for p, g, v in at_step):
+            # A forward after step(), and a gradient still as step() saw it: not zeroed.
+            self._warned_unzeroed = True
+            warnings.warn(
+                "the gradients of the last synchronising backward were not zeroed after step(). "
+                "With shard=True each rank keeps only the averaged gradients it holds whole "
+                "(the others are None), so gradients cannot accumulate across optimizer steps: "
+                "call optimizer.zero_grad() after every step (no_sync() accumulation within a "
+                "step is unaffected).",
+                stacklevel=3,
+            )
+        super().reclaim_grads(params, zero)
 
     def close(self) -> None:
         super().close()
