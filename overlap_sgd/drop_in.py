@@ -115,7 +115,8 @@ def overlap(
     if not isinstance(ddp_model, DistributedDataParallel):
         raise TypeError(
             "overlap() needs a torch.nn.parallel.DistributedDataParallel model, got "
-            f"{type(ddp_model).__name__}"
+            f"{type(ddp_model).__name__} (Accelerator.prepare wraps a model in DDP only when "
+            "several processes run)"
         )
     if getattr(ddp_model, "_use_python_reducer", False):
         raise ValueError(
