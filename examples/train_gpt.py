@@ -263,7 +263,7 @@ while step < args.steps:
         parts = [f"step {step:5d}/{args.steps}"]
         parts += [f"loss {' / '.join(f'{loss[m]:.4f}' for m in modes)}"]
         parts += [f"{' / '.join(f'{1e3 * sum(recent[m]) / len(recent[m]):6.1f}' for m in modes)} ms"]
-        parts += [f"{tokens_per_step / (sum(recent[modes[0]]) / len(recent[modes[0]])):7,.0f} tok/s"]
+        parts += [f"{' / '.join(f'{tokens_per_step * len(recent[m]) / sum(recent[m]):6,.0f}' for m in modes)} tok/s"]
         parts += [f"ETA {int(eta) // 60}:{int(eta) % 60:02d}"]
         if step in comparison.val:
             parts += [f"val {' / '.join(f'{val[m]:.4f}' for m in modes)}"]
