@@ -97,9 +97,11 @@ def overlap(
 
     Raises:
         TypeError: ``ddp_model`` is not DDP, an argument has the wrong type, or an optimizer
-            cannot be overlapped (``LBFGS``, or a class declared with ``register_global``).
+            cannot be overlapped (``LBFGS``, a class declared with ``register_global``, or an
+            ``AcceleratedOptimizer`` driven by fp16's gradient scaler).
         ValueError: parameters foreign to the model, held twice, or held by no optimizer
-            (with several optimizers); sparse gradients for an optimizer without support.
+            (with several optimizers); sparse gradients for an optimizer without support; a
+            DDP model built for compiled autograd (``optimize_ddp="python_reducer"``).
         RuntimeError: the model already has a comm hook or was already overlapped.
 
     Example (one rank of a ``torchrun`` job)::
