@@ -18,8 +18,6 @@ Runs on CPU with gloo, or on CUDA with NCCL when a GPU is present (--device).
 
 import argparse
 import math
-import os
-import signal
 import time
 
 import torch
@@ -29,6 +27,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import overlap_sgd
+from ddp_launch import crash_if_asked, start
 from overlap_sgd.checkpoint import (
     checkpoint_path,
     checkpoint_state,
@@ -61,33 +60,11 @@ parser.add_argument("--crash-at-step", type=int, default=None, help="fault injec
 args = parser.parse_args()
 
 # -----------------------------------------------------------------------------------------------
-# 1. Process group and device. torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT, and
-#    counts restarts of the job in TORCHELASTIC_RESTART_COUNT. It also keeps one key-value store
-#    alive across restarts (TORCHELASTIC_USE_AGENT_STORE), where the keys of the previous attempt
-#    (such as the addresses of ranks that no longer exist) would be read as current ones: each
-#    attempt gets its own key prefix.
-use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-backend, device = "gloo", torch.device("cpu")
-if use_cuda:
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    torch.cuda.set_device(local_rank)
-    backend, device = "nccl", torch.device("cuda", local_rank)
-if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-    world_size = int(os.environ["WORLD_SIZE"])
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False)
-    store = dist.PrefixStore(f"train_ddp/attempt_{attempt}", store)
-    dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]), world_size=world_size, device_id=device if use_cuda else None)
-else:
-    dist.init_process_group(backend, device_id=device if use_cuda else None)
-rank, world_size = dist.get_rank(), dist.get_world_size()
-master = rank == 0
-
-
-def log(*parts):
-    if master:
-        print(*parts, flush=True)
-
+# 1. Process group and device: torchrun's environment, gloo on CPU or NCCL on CUDA, and a
+#    key-value store prefix of its own for each restart of the job (see examples/ddp_launch.py).
+launch = start(args.device, "train_ddp")
+rank, world_size, device, attempt = launch.rank, launch.world_size, launch.device, launch.attempt
+use_cuda, log = launch.cuda, launch.log
 
 # 2. Determinism: one intra-op thread and fixed seeds make every step a pure function of the
 #    weights, the optimizer state and the batch. The overlapped update runs on a worker thread,
@@ -170,9 +147,7 @@ def save(step):
 times, loss, saved_at = [], None, first_step
 while step < args.steps:
     # 5. Fault injection: a hard kill, with no chance to clean up, on the first attempt only.
-    if step == args.crash_at_step and rank == 1 and attempt == 0:
-        print(f"rank 1: crashing (SIGKILL) before step {step}", flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
+    crash_if_asked(launch, step, args.crash_at_step)
 
     x, y = batch(step, rank)
     t0 = time.perf_counter()
@@ -207,4 +182,4 @@ else:
     log(f"summary: mode {args.mode} | optimizer {args.optimizer} | steps {first_step} -> {step} "
         f"| mean step {1e3 * sum(timed) / len(timed):.2f} ms over {len(timed)} steps after {len(times) - len(timed)} warm-up "
         f"| final loss {final.item() / world_size:.6f}")
-dist.destroy_process_group()
+launch.close()

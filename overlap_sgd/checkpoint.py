@@ -41,6 +41,7 @@ import contextlib
 import os
 import re
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,7 @@ def checkpoint_path(directory: str | os.PathLike[str], step: int) -> Path:
 
 def checkpoint_state(
     model: nn.Module,
-    optimizer: Optimizer,
+    optimizer: Optimizer | Sequence[Optimizer],
     scheduler: Any = None,
     /,
     **extra: Any,
@@ -82,21 +83,33 @@ def checkpoint_state(
     ``model`` may be a DDP model (its ``module``'s state dict is stored, without the
     ``module.`` prefix). ``optimizer`` may be an :class:`~overlap_sgd.OverlappedOptimizer`, whose
     state dict is its wrapped optimizer's; the wrapped class's name is stored, so a checkpoint
-    resumes with or without the overlap. ``extra`` (a step counter, a data position) must be
-    plain data: ints, floats, strings, tensors, and lists, tuples or dicts of them.
+    resumes with or without the overlap. Several optimizers (``overlap(model, [a, b])``) and
+    their schedulers are passed as lists, and stored as lists, in order. ``extra`` (a step
+    counter, a data position) must be plain data: ints, floats, strings, tensors, and lists,
+    tuples or dicts of them.
     """
     reserved = {"format", "model", "optimizer", "optimizer_class", "layout", "scheduler"} & extra.keys()
     if reserved:
         raise ValueError(f"extra keys {sorted(reserved)} are reserved by checkpoint_state()")
+    several = isinstance(optimizer, (list, tuple))
+    optimizers = list(optimizer) if several else [optimizer]
+
+    def each(f: Any) -> Any:
+        values = [f(o) for o in optimizers]
+        return values if several else values[0]
+
     state: dict[str, Any] = {
         "format": _FORMAT,
         "model": _module(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "optimizer_class": _class_name(optimizer),
-        "layout": _layout(optimizer),
+        "optimizer": each(lambda o: o.state_dict()),
+        "optimizer_class": each(_class_name),
+        "layout": each(_layout),
     }
     if scheduler is not None:
-        state["scheduler"] = scheduler.state_dict()
+        if isinstance(scheduler, (list, tuple)):
+            state["scheduler"] = [s.state_dict() for s in scheduler]
+        else:
+            state["scheduler"] = scheduler.state_dict()
     state.update(extra)
     return state
 
@@ -145,29 +158,41 @@ def latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
 def load_checkpoint(
     path: str | os.PathLike[str],
     model: nn.Module,
-    optimizer: Optimizer,
+    optimizer: Optimizer | Sequence[Optimizer],
     scheduler: Any = None,
     *,
     map_location: str | torch.device = "cpu",
 ) -> dict[str, Any]:
     """Load a :func:`checkpoint_state` checkpoint into ``model``, ``optimizer`` and ``scheduler``.
 
+    ``optimizer`` and ``scheduler`` are lists when the checkpoint was written from lists.
     Returns the whole checkpoint, so the caller can read what it stored as ``extra`` (e.g.
     ``["step"]``). Every rank loads the same file, which keeps DDP replicas identical.
 
     Raises:
         ValueError: the checkpoint was written for another optimizer class, for parameters of
-            another number or shape, for other param-group sizes, for a model with other state
-            keys or shapes, or without the scheduler state asked for. Nothing is modified then.
+            another number or shape, for other param-group sizes, for another number of
+            optimizers or schedulers, for a model with other state keys or shapes, or without
+            the scheduler state asked for. Nothing is modified then.
     """
     ckpt = torch.load(Path(path), map_location=map_location, weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != _FORMAT:
         raise ValueError(f"{path} is not a checkpoint written by overlap_sgd.checkpoint_state()")
-    _check_compatible(str(path), ckpt, _module(model), optimizer, scheduler)
-    _module(model).load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    where = str(path)
+    optimizers, saved = _pair(where, "optimizer", optimizer, ckpt)
+    for opt, entry in zip(optimizers, saved):
+        _check_optimizer(where, entry, opt)
+    _check_model(where, ckpt, _module(model))
+    schedulers, saved_schedulers = [], []
     if scheduler is not None:
-        scheduler.load_state_dict(ckpt["scheduler"])
+        if "scheduler" not in ckpt:
+            raise ValueError(f"{where} holds no scheduler state, but a scheduler was given to load it")
+        schedulers, saved_schedulers = _pair(where, "scheduler", scheduler, ckpt)
+    _module(model).load_state_dict(ckpt["model"])
+    for opt, entry in zip(optimizers, saved):
+        opt.load_state_dict(entry["optimizer"])
+    for sched, state in zip(schedulers, saved_schedulers):
+        sched.load_state_dict(state)
     return ckpt
 
 
@@ -194,21 +219,51 @@ def _layout(optimizer: Optimizer) -> list[list[list[int]]]:
     return [[list(p.shape) for p in group["params"]] for group in optimizer.param_groups]
 
 
-def _check_compatible(
-    where: str, ckpt: dict[str, Any], model: nn.Module, optimizer: Optimizer, scheduler: Any
-) -> None:
-    want, have = ckpt.get("optimizer_class"), _class_name(optimizer)
+def _pair(where: str, key: str, given: Any, ckpt: dict[str, Any]) -> tuple[list[Any], list[Any]]:
+    """``given`` and the checkpoint's entries for ``key`` as two lists of equal length.
+
+    For ``key="optimizer"`` each saved entry is a dict of its state dict, class and layout.
+    """
+    several = isinstance(given, (list, tuple))
+    items = list(given) if several else [given]
+    stored = ckpt.get(key)
+    stored_several = isinstance(stored, list)
+    if several != stored_several:
+        raise ValueError(
+            f"{where} holds {'a list of' if stored_several else 'one'} {key} state"
+            f"{'s' if stored_several else ''}, but {'a list' if several else 'one'} was given to load"
+        )
+    if key == "optimizer":
+        keys = ("optimizer", "optimizer_class", "layout")
+        columns = [ckpt.get(k) if several else [ckpt.get(k)] for k in keys]
+        if several and not all(isinstance(c, list) and len(c) == len(stored) for c in columns):
+            raise ValueError(f"{where} holds inconsistent optimizer entries")
+        entries = [dict(zip(keys, row)) for row in zip(*columns)]
+    else:
+        entries = stored if several else [stored]
+    if len(entries) != len(items):
+        raise ValueError(
+            f"{where} holds the state of {len(entries)} {key}s, but {len(items)} were given to load it into"
+        )
+    return items, entries
+
+
+def _check_optimizer(where: str, saved: dict[str, Any], optimizer: Optimizer) -> None:
+    want, have = saved.get("optimizer_class"), _class_name(optimizer)
     if want != have:
         raise ValueError(
             f"{where} holds the state of a {want} optimizer, but the optimizer to load it "
             f"into is a {have}; build the same optimizer class as the run that wrote it"
         )
-    saved, current = ckpt.get("layout"), _layout(optimizer)
-    if saved != current:
+    layout, current = saved.get("layout"), _layout(optimizer)
+    if layout != current:
         raise ValueError(
-            f"{where} was written for another parameter layout. Checkpoint: {_describe(saved)}. "
+            f"{where} was written for another parameter layout. Checkpoint: {_describe(layout)}. "
             f"Optimizer: {_describe(current)}"
         )
+
+
+def _check_model(where: str, ckpt: dict[str, Any], model: nn.Module) -> None:
     model_state = model.state_dict()
     saved_model = ckpt["model"]
     missing = sorted(model_state.keys() - saved_model.keys())
@@ -225,8 +280,6 @@ def _check_compatible(
                 f"{where} holds {key!r} of shape {tuple(old.shape)}, but the model's "
                 f"is {tuple(value.shape)}"
             )
-    if scheduler is not None and "scheduler" not in ckpt:
-        raise ValueError(f"{where} holds no scheduler state, but a scheduler was given to load it")
 
 
 def _describe(layout: Any) -> str:

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
+from . import accelerated
 from .hooks import Executor, OverlapHookState, make_executor, overlap_hook
 from .hooks.clip import GradClip
 from .optimizer import OverlappedOptimizer
@@ -57,9 +58,12 @@ def overlap(
 
     Args:
         ddp_model: a :class:`~torch.nn.parallel.DistributedDataParallel` model without a comm
-            hook.
+            hook, or ``torch.compile`` of one.
         optimizer: a ``torch.optim`` optimizer over the model's parameters, or a list of them
-            over disjoint parameter sets that together hold every trainable parameter.
+            over disjoint parameter sets that together hold every trainable parameter. An
+            Accelerate ``AcceleratedOptimizer`` (from ``Accelerator.prepare``) is overlapped
+            inside: it is returned itself, holding the overlapped optimizer
+            (:mod:`overlap_sgd.accelerated`).
         comm_hook: any DDP communication hook, e.g. ``fp16_compress_hook`` or
             ``powerSGD_hook``; ``None`` means an averaged all-reduce.
         comm_state: ``comm_hook``'s state (``PowerSGDState`` for PowerSGD); ``None`` with a
@@ -103,9 +107,11 @@ def overlap(
 
     Raises:
         TypeError: ``ddp_model`` is not DDP, an argument has the wrong type, or an optimizer
-            cannot be overlapped (``LBFGS``, or a class declared with ``register_global``).
+            cannot be overlapped (``LBFGS``, a class declared with ``register_global``, or an
+            ``AcceleratedOptimizer`` driven by fp16's gradient scaler).
         ValueError: parameters foreign to the model, held twice, or held by no optimizer
-            (with several optimizers); sparse gradients for an optimizer without support.
+            (with several optimizers); sparse gradients for an optimizer without support; a
+            DDP model built for compiled autograd (``optimize_ddp="python_reducer"``).
         RuntimeError: the model already has a comm hook or was already overlapped.
 
     Example (one rank of a ``torchrun`` job)::
@@ -117,15 +123,25 @@ def overlap(
             opt.step()
             opt.zero_grad()
     """
+    ddp_model = _uncompiled(ddp_model)
     if not isinstance(ddp_model, DistributedDataParallel):
         raise TypeError(
             "overlap() needs a torch.nn.parallel.DistributedDataParallel model, got "
-            f"{type(ddp_model).__name__}"
+            f"{type(ddp_model).__name__} (Accelerator.prepare wraps a model in DDP only when "
+            "several processes run)"
+        )
+    if getattr(ddp_model, "_use_python_reducer", False):
+        raise ValueError(
+            "overlap() cannot drive a DDP model built under "
+            "torch._dynamo.config.optimize_ddp='python_reducer' (compiled autograd), which calls "
+            "communication hooks per gradient instead of per bucket; build it with the default "
+            "optimize_ddp=True, which compiles with graph breaks at bucket boundaries"
         )
     single = not isinstance(optimizer, (list, tuple))
-    optimizers = [optimizer] if single else list(optimizer)
-    if not optimizers:
+    outer = [optimizer] if single else list(optimizer)
+    if not outer:
         raise ValueError("overlap() got an empty list of optimizers")
+    optimizers = [accelerated.unwrap(o) if accelerated.is_accelerated(o) else o for o in outer]
     for i, opt in enumerate(optimizers):
         if isinstance(opt, OverlappedOptimizer):
             raise TypeError(f"optimizer {i} is already an OverlappedOptimizer")
@@ -231,7 +247,17 @@ def _wrap(
         for i, opt in enumerate(optimizers)
     ]
     state.wrapped = wrapped
-    return wrapped[0] if single else wrapped
+    returned = [
+        accelerated.attach(o, w) if accelerated.is_accelerated(o) else w
+        for o, w in zip(outer, wrapped)
+    ]
+    return returned[0] if single else returned
+
+
+def _uncompiled(model: Any) -> Any:
+    """The module inside ``torch.compile(model)`` (the model itself if not compiled)."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(model, nn.Module) and isinstance(inner, nn.Module) else model
 
 
 def _can_hand_out_views(ddp_model: DistributedDataParallel) -> bool:
@@ -261,7 +287,7 @@ def _reclaim_grads_later() -> Callable[..., None]:
 
 def overlapped_optimizers(ddp_model: nn.Module) -> list[Optimizer]:
     """The torch optimizers :func:`overlap` wrapped on ``ddp_model`` (empty if none)."""
-    state = getattr(ddp_model, _ATTR, None)
+    state = getattr(_uncompiled(ddp_model), _ATTR, None)
     return [w.optimizer for w in getattr(state, "wrapped", [])]
 
 

@@ -143,7 +143,8 @@ class OverlappedOptimizer(Optimizer):
             self._warned_late_grads = True
             warnings.warn(
                 "gradients were modified in place after backward() (for example by "
-                "torch.nn.utils.clip_grad_norm_), but overlapped parameters were already updated "
+                "torch.nn.utils.clip_grad_norm_ or accelerator.clip_grad_norm_), but overlapped "
+                "parameters were already updated "
                 "inside backward() with the unmodified gradients. Clip inside the overlap "
                 "instead: overlap(..., clip_grad_norm=..., clip_grad_value=...) clip each "
                 "parameter's gradient before its update.",

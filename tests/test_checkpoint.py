@@ -77,6 +77,60 @@ def test_round_trip_restores_model_optimizer_scheduler_and_extras(tmp_path):
     assert_identical(_snapshot(fresh_model, fresh_opt, fresh_sched), saved)
 
 
+def _two_optimizers(steps: int = 3):
+    """A Net trained by SGD (matrices) and Adam (vectors), each with its own scheduler."""
+    torch.manual_seed(0)
+    model = Net(width=16)
+    opts = [
+        torch.optim.SGD([p for p in model.parameters() if p.dim() >= 2], lr=0.1, momentum=0.9),
+        torch.optim.Adam([p for p in model.parameters() if p.dim() < 2], lr=0.01),
+    ]
+    scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in opts]
+    for step in range(steps):
+        x, y = batch(step, 0)
+        nn.functional.mse_loss(model(x), y).backward()
+        for o, s in zip(opts, scheds):
+            o.step()
+            s.step()
+            o.zero_grad()
+    return model, opts, scheds
+
+
+def _snapshot_all(model, opts, scheds):
+    return [_snapshot(model, o, s) for o, s in zip(opts, scheds)]
+
+
+def test_several_optimizers_and_schedulers_round_trip_as_lists(tmp_path):
+    path = tmp_path / "two.pt"
+    model, opts, scheds = _two_optimizers()
+    save_checkpoint(path, checkpoint_state(model, opts, scheds, step=3))
+    saved = _snapshot_all(model, opts, scheds)
+    assert saved[0][1]["state"] and saved[1][1]["state"]
+
+    fresh = _two_optimizers(steps=0)
+    assert load_checkpoint(path, *fresh)["step"] == 3
+    assert_identical(_snapshot_all(*fresh), saved)
+
+    # One optimizer for a list, a list for one, or another count: refused, nothing touched.
+    fresh = _two_optimizers(steps=0)
+    before = _snapshot_all(*fresh)
+    model, opts, scheds = fresh
+    with pytest.raises(ValueError, match="holds a list of optimizer states, but one was given"):
+        load_checkpoint(path, model, opts[0], scheds[0])
+    with pytest.raises(ValueError, match="holds the state of 2 optimizers, but 1 were given"):
+        load_checkpoint(path, model, opts[:1], scheds[:1])
+    with pytest.raises(ValueError, match="holds the state of 2 schedulers, but 1 were given"):
+        load_checkpoint(path, model, opts, scheds[:1])
+    with pytest.raises(ValueError, match=r"torch\.optim\.sgd\.SGD optimizer, but the optimizer to load it into is a torch\.optim\.adam\.Adam"):
+        load_checkpoint(path, model, opts[::-1], scheds[::-1])
+    assert_identical(_snapshot_all(*fresh), before)
+    single = tmp_path / "one.pt"
+    m, o, s = _trained()
+    save_checkpoint(single, checkpoint_state(m, o, s))
+    with pytest.raises(ValueError, match="holds one optimizer state, but a list was given"):
+        load_checkpoint(single, m, [o], [s])
+
+
 def test_latest_checkpoint_picks_highest_complete_step(tmp_path):
     assert latest_checkpoint(tmp_path / "missing") is None
     assert latest_checkpoint(tmp_path) is None

@@ -20,11 +20,12 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_ddp.py"
 SMALL = ["--width", "32", "--depth", "2", "--batch-size", "16", "--bucket-cap-mb", "0.002"]
 
 
-def torchrun(*args: str, cwd: Path, restarts: int = 0, timeout: float = 100) -> str:
-    """Run the example on 2 ranks; return its combined output, failing on a non-zero exit."""
+def torchrun(*args: str, cwd: Path, restarts: int = 0, timeout: float = 100, script: Path = EXAMPLE) -> str:
+    """Run ``script`` (default: the DDP example) on 2 ranks; return its combined output,
+    failing on a non-zero exit."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "--max-restarts", str(restarts), "--monitor-interval", "0.1", str(EXAMPLE), *args,
+        "--max-restarts", str(restarts), "--monitor-interval", "0.1", str(script), *args,
     ]
     # Not inherited from an enclosing launcher: the example reads these to detect a restart.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "TORCH_ELASTIC_"))}

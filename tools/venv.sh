@@ -24,9 +24,9 @@ if [ ! -x "$venv/bin/python" ]; then
     "$python" -m venv "$venv"
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    echo "[venv] installing overlap-sgd and test dependencies (pinned by $(basename "$constraints"))" >&2
+    echo "[venv] installing overlap-sgd, test dependencies and the plot and accelerate extras (pinned by $(basename "$constraints"))" >&2
     "$venv/bin/python" -m pip install -q --disable-pip-version-check -c "$constraints" torch
-    "$venv/bin/python" -m pip install -q --disable-pip-version-check -c "$constraints" -e "$root[test]"
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check -c "$constraints" -e "$root[test,plot,accelerate]"
     echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"
