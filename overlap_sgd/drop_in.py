@@ -206,7 +206,7 @@ def overlap(
             params=list(trainable.values()), track_unused=track_unused, executor=executor,
             check_finite=check_finite, clip=clip, grad_views=grad_views, on_forward=_reclaim_grads_later(),
         )
-        return _wrap(ddp_model, optimizers, state, check_consistency_every, single)
+        return _wrap(ddp_model, outer, optimizers, state, check_consistency_every, single)
 
     hook, state = registrations[0].hook_factory(
         functionals,
@@ -231,16 +231,18 @@ def overlap(
         state.grad_views = True
         ddp_model.reducer._set_optimizer_in_backward()
         ddp_model.register_forward_pre_hook(_reclaim_grads(state))
-    return _wrap(ddp_model, optimizers, state, check_consistency_every, single)
+    return _wrap(ddp_model, outer, optimizers, state, check_consistency_every, single)
 
 
 def _wrap(
     ddp_model: DistributedDataParallel,
+    outer: list[Any],
     optimizers: list[Optimizer],
     state: Any,
     check_consistency_every: int,
     single: bool,
 ) -> Any:
+    """Wrap each optimizer (``outer``: as the caller passed them) around ``state``."""
     setattr(ddp_model, _ATTR, state)
     wrapped = [
         OverlappedOptimizer(opt, state, i, ddp_model, check_consistency_every)
