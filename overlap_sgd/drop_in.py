@@ -198,30 +198,26 @@ def overlap(
         )
     functionals = [r.functional.bind(opt) for r, opt in zip(registrations, optimizers)]
     _check_sparse(ddp_model, functionals, names)
-    track_unused = bool(ddp_model.find_unused_parameters or getattr(ddp_model, "static_graph", False))
 
-    if shard:
-        state = register_sharded(
-            ddp_model, functionals, registrations, comm_hook=comm_hook, names=names,
-            params=list(trainable.values()), track_unused=track_unused, executor=executor,
-            check_finite=check_finite, clip=clip, grad_views=grad_views, on_forward=_reclaim_grads_later(),
-        )
-        return _wrap(ddp_model, outer, optimizers, state, check_consistency_every, single)
-
-    hook, state = registrations[0].hook_factory(
-        functionals,
-        comm_hook,
-        comm_state,
+    common = dict(
         process_group=ddp_model.process_group,
         params=list(trainable.values()),
         names=names,
-        track_unused=track_unused,
+        track_unused=bool(ddp_model.find_unused_parameters or getattr(ddp_model, "static_graph", False)),
         executor=executor,
         check_finite=check_finite,
         clip=clip,
         require_step=True,
-        slice_mb=slice_mb,
     )
+    if shard:
+        common.pop("process_group")
+        state = register_sharded(
+            ddp_model, functionals, registrations, comm_hook=comm_hook, grad_views=grad_views,
+            on_forward=_reclaim_grads_later(), **common,
+        )
+        return _wrap(ddp_model, outer, optimizers, state, check_consistency_every, single)
+
+    hook, state = registrations[0].hook_factory(functionals, comm_hook, comm_state, slice_mb=slice_mb, **common)
     ddp_model.register_comm_hook(state, hook)
     own_hook = hook is overlap_hook and isinstance(state, OverlapHookState)
     if grad_views and own_hook and _can_hand_out_views(ddp_model):

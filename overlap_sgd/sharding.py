@@ -25,7 +25,6 @@ from torch.optim import Optimizer
 
 from .functional import FunctionalOptimizer
 from .hooks.clip import GradClip
-from .hooks.executor import Executor
 from .hooks.layout import check_dense
 from .hooks.shard_hook import ShardHookState, shard_hook
 from .registry import Registration, default_hook_factory
@@ -41,16 +40,14 @@ def register_sharded(
     comm_hook: Callable[..., Any] | None,
     names: dict[int, str],
     params: Sequence[Tensor],
-    track_unused: bool,
-    executor: str | Executor,
-    check_finite: bool | str,
     clip: GradClip,
-    grad_views: bool,
     on_forward: Callable[[nn.Module, Any], None],
+    **options: Any,
 ) -> ShardHookState:
     """Check that ``ddp_model`` can be trained sharded, and register the sharded hook on it.
 
-    Raises ``ValueError`` (before anything is registered) for what sharding cannot do.
+    ``options`` are the other :class:`~overlap_sgd.hooks.state.HookState` arguments. Raises
+    ``ValueError`` (before anything is registered) for what sharding cannot do.
     """
     if comm_hook is not None:
         raise ValueError(
@@ -75,17 +72,13 @@ def register_sharded(
     group = ddp_model.process_group
     state = ShardHookState(
         functionals,
-        process_group=group,
         gather_group=_twin_group(group),
         by_params=clip.norm is not None,
+        process_group=group,
         params=params,
         names=names,
-        track_unused=track_unused,
-        executor=executor,
-        check_finite=check_finite,
         clip=clip,
-        require_step=True,
-        grad_views=grad_views,
+        **options,
     )
     ddp_model.register_comm_hook(state, shard_hook)
     # The buckets end up holding parameters: DDP must not copy them into .grad.

@@ -171,10 +171,7 @@ class ShardHookState(HookState):
 
 def shard_hook(state: ShardHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP comm hook: communicate ``bucket`` and update this rank's share of it; see the module docs."""
-    plan = state.plan_for(bucket)
-    executor = state.executor(plan.device)
-    if bucket.index() == 0:
-        state.begin_backward(executor)
+    plan, executor = state.start(bucket)
     layout = state.layout_for(plan)
     if isinstance(layout, ElementLayout):
         future = _by_elements(state, bucket, plan, layout, executor)

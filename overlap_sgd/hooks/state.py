@@ -170,6 +170,15 @@ class HookState:
 
     # -- one backward pass -------------------------------------------------------------------
 
+    def start(self, bucket: dist.GradBucket) -> tuple[BucketPlan, Executor]:
+        """A hook's first words for ``bucket``: its plan and executor (and, at a backward's
+        first bucket, :meth:`begin_backward`)."""
+        plan = self.plan_for(bucket)
+        executor = self.executor(plan.device)
+        if bucket.index() == 0:
+            self.begin_backward(executor)
+        return plan, executor
+
     def begin_backward(self, executor: Executor) -> None:
         """Called at a backward's first bucket, on the autograd thread."""
         self.ledger.begin()

@@ -128,10 +128,7 @@ class OverlapHookState(HookState):
 
 def overlap_hook(state: OverlapHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP comm hook: run ``state.comm_hook`` on ``bucket``, then update the bucket's parameters."""
-    plan = state.plan_for(bucket)
-    executor = state.executor(plan.device)
-    if bucket.index() == 0:
-        state.begin_backward(executor)
+    plan, executor = state.start(bucket)
     slice_numel = state.slice_numel(plan)
     if slice_numel:
         future = _sliced(state, bucket, plan, executor, slice_numel)
