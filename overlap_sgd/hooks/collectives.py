@@ -22,8 +22,10 @@ Example (inside an initialised process group)::
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -48,6 +50,7 @@ class Waiter:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
+        _LIVE.add(self)
 
     def _loop(self) -> None:
         while True:
@@ -69,9 +72,22 @@ class Waiter:
         return fut
 
     def close(self) -> None:
+        if not self._thread.is_alive():
+            return
         self._queue.put(None)
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
+
+
+#: Waiters with a running thread, stopped at interpreter exit (a daemon thread torn down while
+#: inside torch's C++ code would abort the process).
+_LIVE: "weakref.WeakSet[Waiter]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    for waiter in list(_LIVE):
+        waiter.close()
 
 
 def _future(work: dist.Work, value: Tensor, waiter: Waiter | None) -> Future:
