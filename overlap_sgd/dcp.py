@@ -42,9 +42,14 @@ optimizer loads into any of them, on any number of ranks; an unsharded or plain 
 whole state on every rank, as it must. Because the format is torch's, a checkpoint of a plain
 optimizer written with ``get_optimizer_state_dict`` loads here, and one written here loads with
 torch's ``get_optimizer_state_dict`` / ``dcp.load`` / ``set_optimizer_state_dict`` into a plain
-optimizer. Not supported: state values nested in containers under a sharded parameter are
-loaded whole on every rank holding a piece of it; model state is the caller's (DCP handles it
-as it is: replicated under DDP).
+optimizer. State values nested in containers (no torch optimizer keeps any) are saved whole by
+the rank holding the parameter's first element and loaded whole by every rank holding a piece
+of it. Model state is the caller's to save: under DDP it is replicated, and DCP writes each
+tensor once.
+
+Torch marks ``ShardedTensor`` deprecated in favour of ``DTensor``, whose placements cannot
+describe arbitrary element ranges; DCP reads and writes it as before (loading silences the
+warning torch gives when DCP touches one).
 
 Example (every rank of a ``torchrun`` job; ``model`` the DDP model)::
 
@@ -93,6 +98,7 @@ __all__ = ["load_optimizer_state_dict", "optimizer_state_dict"]
 
 _STATE, _GROUPS, _CLASSES = "state", "param_groups", "param_group_classes"
 _SHARDED_TENSOR_DEPRECATED = "Please use DTensor instead"
+_SINGLE_PROCESS = "torch.distributed is disabled, unavailable or uninitialized"
 
 Optimizers = Union[Optimizer, Sequence[Optimizer]]
 
@@ -167,9 +173,21 @@ def load_optimizer_state_dict(
         ValueError: the checkpoint holds nothing under ``key``, or was written for another
             optimizer class, other parameters or param groups, or parameters of another shape.
 
-    Example (every rank, any number of ranks)::
+    Example (one process, a plain optimizer; under ``torchrun`` every rank runs the same)::
 
-        load_optimizer_state_dict(model, opt, "ckpt/step-100")
+        >>> import tempfile, torch, torch.distributed.checkpoint as dcp
+        >>> net = torch.nn.Linear(3, 2)
+        >>> opt = torch.optim.AdamW(net.parameters())
+        >>> net(torch.ones(1, 3)).sum().backward()
+        >>> opt.step()
+        >>> path = tempfile.mkdtemp()
+        >>> _ = dcp.save({"optimizer": optimizer_state_dict(net, opt)}, checkpoint_id=path)
+        >>> sorted(optimizer_state_dict(net, opt)["state"])
+        ['bias', 'weight']
+        >>> fresh = torch.optim.AdamW(net.parameters())
+        >>> load_optimizer_state_dict(net, fresh, path)
+        >>> int(fresh.state[net.weight]["step"])
+        1
     """
     holders, names = _holders(model, optimizers)
     if storage_reader is None:
@@ -181,14 +199,23 @@ def load_optimizer_state_dict(
     where = str(checkpoint_id) if checkpoint_id is not None else "the checkpoint"
     params = {names[id(p)]: (h, p) for h in holders for p in h.params}
     saved = _Saved.read(storage_reader.read_metadata(), key, where, params)
-    homes = _planned_homes(holders)
+    group = _group(model, holders)
 
-    # 1. Ask DCP for this rank's share of each parameter's state, and for the param groups.
+    # 1. Read the param groups and their classes, and check them and the state's shapes.
+    request: dict[str, Any] = {flat_key: _blank(md) for flat_key, (_, md) in saved.groups.items()}
+    if saved.classes is not None:
+        request[saved.classes] = None
+    _read(request, checkpoint_id, storage_reader, group)
+    groups = _rebuild_groups(saved, request)
+    _check_groups(where, holders, names, groups, None if saved.classes is None else request[saved.classes])
     for fqn, entries in saved.state.items():
         h, p = params[fqn]
         if h.elementwise:
             _check_shapes(where, fqn, p, entries)
-    request: dict[str, Any] = {}
+
+    # 2. Read this rank's share of each parameter's state, where the next backward looks for it.
+    homes = _planned_homes(holders)
+    request = {}
     loads: dict[str, _Load] = {}
     for fqn, entries in saved.state.items():
         h, p = params[fqn]
@@ -196,25 +223,15 @@ def load_optimizer_state_dict(
         if load is not None:
             loads[fqn] = load
             request.update(load.request)
-    for flat_key, (_, md) in saved.groups.items():
-        request[flat_key] = _blank(md)
-    if saved.classes is not None:
-        request[saved.classes] = None
-    with warnings.catch_warnings():
-        # DCP reads ShardedTensors through the torch-function API that torch marks deprecated.
-        warnings.filterwarnings("ignore", _SHARDED_TENSOR_DEPRECATED, FutureWarning)
-        dcp.load(request, checkpoint_id=checkpoint_id, storage_reader=storage_reader,
-                 process_group=_group(model, holders), no_dist=not _distributed())
+    _read(request, checkpoint_id, storage_reader, group)
 
-    # 2. Check the param groups and classes it read, then hand each optimizer its share.
-    groups = _rebuild_groups(saved, request)
-    _check_groups(where, holders, names, groups, None if saved.classes is None else request[saved.classes])
+    # 3. Hand each optimizer its share.
     at = 0
     for h in holders:
         local: dict[str, Any] = {_STATE: {}, _GROUPS: []}
         index = 0
-        for group in h.inner.param_groups:
-            n = len(group["params"])
+        for param_group in h.inner.param_groups:
+            n = len(param_group["params"])
             local[_GROUPS].append({**groups[at], "params": list(range(index, index + n))})
             index += n
             at += 1
@@ -315,6 +332,17 @@ def _group(model: nn.Module, holders: list[_Holder]) -> dist.ProcessGroup | None
     return model.process_group if isinstance(model, DistributedDataParallel) else None
 
 
+def _read(request: dict[str, Any], checkpoint_id: Any, reader: dcp.StorageReader,
+          group: dist.ProcessGroup | None) -> None:
+    """``dcp.load`` into ``request`` (a collective, unless torch.distributed is not initialized)."""
+    with warnings.catch_warnings():
+        # DCP reads ShardedTensors through the torch-function API that torch marks deprecated.
+        warnings.filterwarnings("ignore", _SHARDED_TENSOR_DEPRECATED, FutureWarning)
+        warnings.filterwarnings("ignore", _SINGLE_PROCESS, UserWarning)
+        dcp.load(request, checkpoint_id=checkpoint_id, storage_reader=reader, process_group=group,
+                 no_dist=not _distributed())
+
+
 def _planned_homes(holders: list[_Holder]) -> dict[int, Home]:
     """Where the next backward of each sharded model looks for each parameter's state."""
     homes: dict[int, Home] = {}
@@ -359,19 +387,16 @@ class _Geometry:
 
     def __init__(self, p: Tensor, home: ElementHome, rank: int, group: dist.ProcessGroup | None):
         self.shape = p.shape
-        self.rank = rank
+        #: (global rank, its blocks) for every rank holding a piece.
         self.ranks: list[tuple[int, RangeBlocks]] = []
-        self.mine: RangeBlocks | None = None
         for r in range(home.world):
             piece = home.piece(r)
-            if piece is None:
-                continue
-            cut = RangeBlocks(p, *piece)
-            global_rank = r if group is None else dist.get_global_rank(group, r)
-            self.ranks.append((global_rank, cut))
-            if r == rank:
-                self.mine = cut
-                self.global_rank = global_rank
+            if piece is not None:
+                cut = RangeBlocks(p, *piece)
+                self.ranks.append((r if group is None else dist.get_global_rank(group, r), cut))
+                if r == rank:
+                    #: This rank's blocks.
+                    self.mine = cut
 
     def sharded(self, dtype: torch.dtype, local: list[Tensor]) -> ShardedTensor:
         """A ShardedTensor of the parameter's shape whose local shards are ``local`` (this
@@ -379,12 +404,10 @@ class _Geometry:
         device = local[0].device
         metas, shards = [], []
         for global_rank, cut in self.ranks:
-            for b in cut.blocks:
-                md = ShardMetadata(list(b.offsets), list(b.sizes), f"rank:{global_rank}/{device}")
-                metas.append(md)
-                if cut is self.mine:
-                    t = local[len(shards)]
-                    shards.append(Shard(t if t.is_contiguous() else t.contiguous(), md))
+            mds = [ShardMetadata(list(b.offsets), list(b.sizes), f"rank:{global_rank}/{device}") for b in cut.blocks]
+            metas.extend(mds)
+            if cut is self.mine:
+                shards = [Shard(t if t.is_contiguous() else t.contiguous(), md) for t, md in zip(local, mds)]
         properties = TensorProperties(dtype=dtype, layout=torch.strided, requires_grad=False,
                                       memory_format=torch.contiguous_format, pin_memory=False)
         return ShardedTensor._init_from_local_shards_and_global_metadata(
@@ -456,7 +479,7 @@ def _check_shapes(where: str, fqn: str, p: Tensor, entries: dict[tuple[Any, ...]
         if isinstance(md, TensorStorageMetadata) and len(md.size) > 0 and tuple(md.size) != tuple(p.shape):
             raise ValueError(
                 f"{where} holds state {path[-1]!r} of parameter {fqn!r} with shape {tuple(md.size)}, "
-                f"but the parameter's shape is {tuple(p.shape)}: it was written for another model"
+                f"but the parameter's shape is {tuple(p.shape)}: it was written for another model or optimizer"
             )
 
 

@@ -27,10 +27,12 @@ import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadItemType
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import overlap_sgd
 import overlap_sgd.blocks
+import overlap_sgd.dcp
 from overlap_sgd.blocks import RangeBlocks, blocks
 from overlap_sgd.dcp import load_optimizer_state_dict, optimizer_state_dict
 from tests.distributed import run_distributed
@@ -67,6 +69,7 @@ class Case:
     loads: tuple[tuple[int, int], ...] = ((3, 0),)
     atol: float = 1e-6
     rtol: float = 1e-5
+    device: str = "cpu"
 
 
 CASES = [
@@ -76,18 +79,26 @@ CASES = [
     Case("adafactor", "adafactor", save_at=3, loads=((3, 2), (1, 0))),
     Case("muon-and-adamw", "muon+adamw", save_at=3, loads=((3, 0),), atol=1e-5, rtol=1e-4),
     Case("strided-sgd", "sgd", net="strided", save_at=2, loads=((3, 0), (2, 2))),
+    # A weight used twice has one name; a frozen layer's parameters, held but never stepped,
+    # have no state.
+    Case("tied-and-frozen", net="tied-frozen", save_at=3, loads=((3, 0),)),
 ]
 
 
-def _net(kind: str) -> torch.nn.Module:
-    return Strided() if kind == "strided" else Net(reverse=True, depth=4)
+def _net(case: Case) -> torch.nn.Module:
+    if case.net == "strided":
+        return Strided().to(case.device)
+    tied = case.net == "tied-frozen"
+    return Net(reverse=True, depth=4, tied=tied, frozen=tied).to(case.device)
 
 
-def _data(kind: str, step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if kind != "strided":
-        return batch(step, rank)
-    g = torch.Generator().manual_seed(step * 1009 + rank)
-    return torch.randn(6, 3, 8, 8, generator=g), torch.randn(6, 4, generator=g)
+def _data(case: Case, step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if case.net != "strided":
+        x, y = batch(step, rank)
+    else:
+        g = torch.Generator().manual_seed(step * 1009 + rank)
+        x, y = torch.randn(6, 3, 8, 8, generator=g), torch.randn(6, 4, generator=g)
+    return x.to(case.device), y.to(case.device)
 
 
 def _optimizers(kind: str, model: torch.nn.Module) -> list[torch.optim.Optimizer]:
@@ -107,13 +118,13 @@ def _optimizers(kind: str, model: torch.nn.Module) -> list[torch.optim.Optimizer
 
 def _sharded(case: Case, seed: int) -> tuple[DDP, list]:
     torch.manual_seed(seed)
-    model = DDP(_net(case.net), bucket_cap_mb=BUCKET_MB)
+    model = DDP(_net(case), bucket_cap_mb=BUCKET_MB)
     return model, overlap_sgd.overlap(model, _optimizers(case.optimizers, model), shard=True)
 
 
 def _train(model: DDP, opts: list, steps: range, rank: int, case: Case) -> None:
     for step in steps:
-        x, y = _data(case.net, step, rank)
+        x, y = _data(case, step, rank)
         F.mse_loss(model(x), y).backward()
         for o in opts:
             o.step()
@@ -134,6 +145,19 @@ def _whole(state_dicts: list[dict]) -> int:
 
 def _moved(model: DDP) -> int:
     return model._overlap_sgd_state.shards.moved
+
+
+class _CountingReader(dcp.FileSystemReader):
+    """Counts the elements of optimizer state tensors (with dimensions) DCP is asked to read."""
+
+    elements = 0
+
+    def read_data(self, plan, planner):
+        for item in plan.items:
+            if item.type == LoadItemType.TENSOR and item.dest_index.fqn.startswith("optimizer.state."):
+                if len(item.lengths) > 0:
+                    self.elements += item.lengths.numel()
+        return super().read_data(plan, planner)
 
 
 def _load_model(model: DDP, path: Path) -> None:
@@ -167,11 +191,15 @@ def _resume(rank: int, world: int, case: Case, root: Path, before: int) -> dict:
     _train(model, opts, range(100, 100 + before), rank, case)
     moved = _moved(model)
     _load_model(model, root / "dcp")
-    load_optimizer_state_dict(model, opts, root / "dcp")
+    reader = _CountingReader(root / "dcp")
+    load_optimizer_state_dict(model, opts, root / "dcp", storage_reader=reader)
     held = _held(opts)
+    assert reader.elements == held, (reader.elements, held)  # read exactly its share
     names = {id(p): n for n, p in model.module.named_parameters()}
-    without = sorted(names[id(p)] for o in opts for g in o.param_groups for p in g["params"]
-                     if p not in o.state)
+    # Parameters with saved state of which this rank holds none.
+    without = sorted(names[id(p)] for o, sd in zip(opts, saved["optimizers"])
+                     for i, p in enumerate(q for g in o.param_groups for q in g["params"])
+                     if i in sd["state"] and p not in o.state)
     for o, want in zip(opts, saved["optimizers"]):
         assert_identical(want, o.state_dict(), "loaded state")
 
@@ -180,7 +208,7 @@ def _resume(rank: int, world: int, case: Case, root: Path, before: int) -> dict:
     # sums in) and post-backward.
     ref, ref_opts = _sharded(case, seed=2)
     _train(ref, ref_opts, range(100, 100 + before), rank, case)
-    post = DDP(_net(case.net), bucket_cap_mb=BUCKET_MB)
+    post = DDP(_net(case), bucket_cap_mb=BUCKET_MB)
     post_opts = _optimizers(case.optimizers, post)
     for m, os_ in ((ref, ref_opts), (post, post_opts)):
         m.module.load_state_dict(saved["model"])
@@ -194,7 +222,8 @@ def _resume(rank: int, world: int, case: Case, root: Path, before: int) -> dict:
     for p, q, r, p0 in zip(model.parameters(), ref.parameters(), post.parameters(), start):
         assert torch.equal(p, q), "differs from the run loaded with load_state_dict"
         torch.testing.assert_close(p, r, atol=case.atol, rtol=case.rtol)
-        assert torch.isfinite(p).all() and not torch.equal(p.detach(), p0), "did not train"
+        assert torch.isfinite(p).all()
+        assert torch.equal(p.detach(), p0) != p.requires_grad, "trained if and only if not frozen"
     for o, o_ref in zip(opts, ref_opts):
         assert_identical(o_ref.state_dict(), o.state_dict(), "state after training")
     if world == SAVE_WORLD:
@@ -235,7 +264,7 @@ def test_a_sharded_checkpoint_resumes_on_any_number_of_ranks(case: Case, tmp_pat
     written = _written_per_rank(tmp_path / "dcp")
     assert written == {r: s["held"] for r, s in enumerate(saved)}, (written, saved)
     assert all(0 < s["held"] < whole for s in saved) and sum(written.values()) == whole
-    if case.net == "mlp":
+    if case.net != "strided":
         assert saved[0]["moved"] > 0  # DDP regrouped its buckets: states moved
     for world, before in case.loads:
         resumed = run_distributed(_resume, world, case, tmp_path, before, timeout=120)
@@ -255,19 +284,19 @@ def _cross(rank: int, world: int, root: Path) -> None:
     case = CASES[1]
     saved = torch.load(root / "whole.pt", weights_only=True)["optimizers"][0]
     torch.manual_seed(3)
-    unsharded = DDP(_net(case.net), bucket_cap_mb=BUCKET_MB)
+    unsharded = DDP(_net(case), bucket_cap_mb=BUCKET_MB)
     u_opt = overlap_sgd.overlap(unsharded, _optimizers(case.optimizers, unsharded)[0])
     load_optimizer_state_dict(unsharded, u_opt, root / "dcp")
     assert_identical(saved, u_opt.state_dict(), "unsharded overlap")
     _train(unsharded, [u_opt], range(case.save_at, case.save_at + 1), rank, case)
 
-    plain = DDP(_net(case.net), bucket_cap_mb=BUCKET_MB)
+    plain = DDP(_net(case), bucket_cap_mb=BUCKET_MB)
     p_opt = _optimizers(case.optimizers, plain)[0]
     load_optimizer_state_dict(plain, p_opt, root / "dcp")
     assert_identical(saved, p_opt.state_dict(), "plain optimizer")
 
     # torch's helpers read this module's checkpoint: same format.
-    theirs = DDP(_net(case.net), bucket_cap_mb=BUCKET_MB)
+    theirs = DDP(_net(case), bucket_cap_mb=BUCKET_MB)
     t_opt = _optimizers(case.optimizers, theirs)[0]
     osd = get_optimizer_state_dict(theirs, t_opt)
     state = {"optimizer": osd}
@@ -309,7 +338,7 @@ def _mismatch(rank: int, world: int, root: Path) -> list[str]:
     _train(model, opts, range(2), rank, case)
     refused(model, opts, key="model")  # no optimizer there
     torch.manual_seed(5)
-    sgd_model = DDP(_net(case.net), bucket_cap_mb=BUCKET_MB)
+    sgd_model = DDP(_net(case), bucket_cap_mb=BUCKET_MB)
     sgd = overlap_sgd.overlap(sgd_model, [torch.optim.SGD(sgd_model.parameters(), lr=0.1, momentum=0.9)],
                               shard=True)
     _train(sgd_model, sgd, range(2), rank, case)
@@ -342,8 +371,32 @@ def test_a_checkpoint_of_another_optimizer_or_model_is_refused_before_anything_c
         assert "holds 1 param groups, but the optimizers have 2" in groups
 
 
+CUDA = Case("cuda", device="cuda", atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_state_saves_and_loads_on_nccl(tmp_path: Path) -> None:
+    # One GPU: one NCCL rank saves and loads (before and after the first backward).
+    run_distributed(_save, 1, CUDA, tmp_path, backend="nccl", gpu=0, timeout=180)
+    for before in (0, 2):
+        run_distributed(_resume, 1, CUDA, tmp_path, before, backend="nccl", gpu=0, timeout=180)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_state_of_two_gloo_ranks_loads_on_one_nccl_rank(tmp_path: Path) -> None:
+    # Two ranks share one GPU over gloo, which NCCL cannot.
+    saved = run_distributed(_save, SAVE_WORLD, CUDA, tmp_path, backend="gloo", gpu=0, timeout=180)
+    assert _written_per_rank(tmp_path / "dcp") == {r: s["held"] for r, s in enumerate(saved)}
+    run_distributed(_resume, 1, CUDA, tmp_path, 0, backend="nccl", gpu=0, timeout=180)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_the_docstring_examples_run() -> None:
+    for module in (overlap_sgd.blocks, overlap_sgd.dcp):
+        assert doctest.testmod(module).failed == 0, module.__name__
+
+
 def test_blocks_cover_an_element_range_of_any_dense_layout() -> None:
-    assert doctest.testmod(overlap_sgd.blocks).failed == 0
     rng = random.Random(0)
     for _ in range(500):
         shape = [rng.randint(1, 4) for _ in range(rng.randint(0, 4))]
