@@ -10,8 +10,10 @@ Every resumed run is compared with two references that trained on the same data:
   gathered format): the same kernels on the same number of ranks from the same state, so
   bit-identical; on two ranks also the run that saved, never interrupted: bit-identical;
 - DDP with a post-backward ``torch.optim`` step, loaded the same way: equal within rounding,
-  since a reduce-scatter sums in another order than DDP's all-reduce over three ranks and the
-  fused kernels divide the summed gradient by the world size themselves.
+  since the overlapped update runs torch's multi-tensor or fused kernel on gradients that a
+  reduce-scatter summed (and divides by the world size inside the kernel), where the reference
+  runs the optimizer's default kernel on DDP's averaged all-reduce; over three ranks the two
+  sums also add in different orders.
 """
 
 from __future__ import annotations
