@@ -9,6 +9,9 @@ Example (one rank of a ``torchrun`` job)::
     opt = overlap_sgd.overlap(model, torch.optim.AdamW(model.parameters()), shard=True)
     ...
     sd = opt.state_dict()        # every rank calls it: it gathers the whole state
+
+:mod:`overlap_sgd.dcp` saves and loads the state with each rank writing and reading only its
+share (PyTorch's distributed checkpoint), on any number of ranks.
 """
 
 from __future__ import annotations

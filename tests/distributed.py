@@ -26,7 +26,7 @@ from typing import Any
 __all__ = ["run_distributed", "free_port", "DistributedFailure"]
 
 _CTX = mp.get_context("forkserver")
-_CTX.set_forkserver_preload(["torch", "torch.distributed", "overlap_sgd"])
+_CTX.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo", "overlap_sgd"])
 
 
 class DistributedFailure(AssertionError):

@@ -49,11 +49,11 @@ from .collectives import Sequencer, Waiter, all_gather, all_reduce, broadcast, r
 from .executor import Executor
 from .futures import Completion, gather, when_all
 from .layout import ElementLayout, ParamLayout, flat
-from .shard_state import ElementHome, OwnerHome, StateShards
+from .shard_state import ElementHome, Home, OwnerHome, StateShards
 from .state import HookState
 from .used import UsedLaunch
 
-__all__ = ["ShardHookState", "make_shard_hook", "shard_hook"]
+__all__ = ["ShardHookState", "build_layout", "make_shard_hook", "shard_hook"]
 
 Layout = Union[ElementLayout, ParamLayout]
 
@@ -105,31 +105,34 @@ class ShardHookState(HookState):
         layout = self._layouts.get(plan.index)
         if layout is not None and layout.plan is plan:
             return layout
-        world = self.world_size
-        if self.by_params or not plan.elementwise:
-            loads = [0] * world
-            for index, other in self._layouts.items():
-                if index != plan.index and isinstance(other, ParamLayout):
-                    for r, positions in enumerate(other.positions):
-                        loads[r] += sum(other.plan.params[pos].numel() for pos in positions)
-            layout = ParamLayout(plan, world, self.rank, loads)
-            homes = [(plan.params[pos], OwnerHome(r)) for pos, r in layout.owner.items()]
-        else:
-            layout = ElementLayout(plan, world, self.rank)
-            offsets, offset = [], 0
-            for p in plan.params:
-                offsets.append(offset)
-                offset += p.numel()
-            homes = [
-                (plan.params[pos], ElementHome(offsets[pos], plan.params[pos].numel(), plan.numel, world))
-                for pos in plan.owned_positions()
-            ]
+        loads = [0] * self.world_size
+        for index, other in self._layouts.items():
+            if index != plan.index and isinstance(other, ParamLayout):
+                for r, positions in enumerate(other.positions):
+                    loads[r] += sum(other.plan.params[pos].numel() for pos in positions)
+        layout, homes = build_layout(plan, self.world_size, self.rank, self.by_params, loads)
+        if isinstance(layout, ElementLayout):
             self._grad_shards[plan.index] = torch.empty(
                 layout.stop - layout.start, dtype=plan.dtype, device=plan.device
             )
         self.shards.claim(homes)
         self._layouts[plan.index] = layout
         return layout
+
+    def planned_homes(self, buckets: Sequence[dist.GradBucket]) -> list[tuple[Tensor, Home]]:
+        """The homes the next backward gives the parameters of DDP's ``buckets`` (all of them,
+        in index order), when it lays the buckets out afresh (after :meth:`invalidate`).
+
+        Builds nothing the hook keeps and moves no state. A sharded checkpoint load uses it to
+        put each rank's share of the state where the hook will look for it.
+        """
+        loads = [0] * self.world_size
+        out: list[tuple[Tensor, Home]] = []
+        for bucket in buckets:
+            plan = BucketPlan(bucket.index(), bucket.parameters(), bucket.buffer(), self.optimizers,
+                              self.owner, self.names)
+            out.extend(build_layout(plan, self.world_size, self.rank, self.by_params, loads)[1])
+        return out
 
     def invalidate(self) -> None:
         super().invalidate()
@@ -167,6 +170,28 @@ class ShardHookState(HookState):
         super().close()
         if self._waiter is not None:
             self._waiter.close()
+
+
+def build_layout(
+    plan: BucketPlan, world: int, rank: int, by_params: bool, loads: list[int]
+) -> "tuple[Layout, list[tuple[Tensor, Home]]]":
+    """The layout of ``plan``'s bucket on ``rank``, and the home of each parameter an optimizer
+    updates: by whole parameters (balanced on top of ``loads``, which it updates) where
+    ``by_params`` or an optimizer needs whole tensors, by element ranges otherwise."""
+    if by_params or not plan.elementwise:
+        layout: Layout = ParamLayout(plan, world, rank, loads)
+        homes: list[tuple[Tensor, Home]] = [(plan.params[pos], OwnerHome(r)) for pos, r in layout.owner.items()]
+        return layout, homes
+    layout = ElementLayout(plan, world, rank)
+    offsets, offset = [], 0
+    for p in plan.params:
+        offsets.append(offset)
+        offset += p.numel()
+    homes = [
+        (plan.params[pos], ElementHome(offsets[pos], plan.params[pos].numel(), plan.numel, world))
+        for pos in plan.owned_positions()
+    ]
+    return layout, homes
 
 
 def shard_hook(state: ShardHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

@@ -98,6 +98,12 @@ class StateShards:
         for p in params:
             self._homes.pop(id(p), None)
 
+    def adopt(self, assignments: Sequence[tuple[Tensor, Home]]) -> None:
+        """Record that each parameter's state already sits in its ``home`` on every rank (a
+        sharded checkpoint load put this rank's share there); nothing moves."""
+        for p, home in assignments:
+            self._homes[id(p)] = (p, home)
+
     def _state_of(self, param: Tensor) -> dict[Any, dict[str, Any]]:
         for opt in self.optimizers:
             if opt.group_index(param) is not None:
