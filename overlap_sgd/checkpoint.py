@@ -18,6 +18,15 @@ point leaves either the previous checkpoint or the new one, never a torn file. T
 wait at a barrier so that no rank runs ahead and, for instance, reads a checkpoint that is not
 there yet. Every rank must be able to read the directory (one node, or a shared file system).
 
+With ``overlap(..., shard=True)`` each rank holds only its share of the optimizer state, and a
+checkpoint is a directory instead (``ckpt-00000042.dcp``, next to where :func:`checkpoint_path`
+points): every rank writes its share of the optimizer state with
+:mod:`torch.distributed.checkpoint` (:mod:`overlap_sgd.dcp`), in parallel, and rank 0 the rest
+(model, scheduler, ``extra``) into ``state.pt``; all of it goes to a temporary directory that
+rank 0 renames into place once every rank has finished, so a killed job again leaves the
+previous checkpoint or the new one. Loading reads each rank's share only, on any number of
+ranks, into a sharded, unsharded or plain optimizer.
+
 Loading validates before it touches anything: a checkpoint written for another optimizer class
 or another parameter layout raises :class:`ValueError` and leaves model, optimizer and scheduler
 as they were.
@@ -59,8 +68,11 @@ __all__ = [
     "save_checkpoint",
 ]
 
-#: Complete checkpoints are named ``ckpt-<step>.pt``; temporary files start with a dot.
-_NAME = re.compile(r"^ckpt-(\d+)\.pt$")
+#: Complete checkpoints are named ``ckpt-<step>.pt`` (a file) or ``ckpt-<step>.dcp`` (a directory,
+#: sharded optimizer state); temporary ones start with a dot.
+_NAME = re.compile(r"^ckpt-(\d+)\.(pt|dcp)$")
+#: In a sharded checkpoint directory: rank 0's part, and the optimizers' DCP checkpoint.
+_STATE_FILE, _OPTIMIZER_DIR = "state.pt", "optimizer"
 _FORMAT = 1
 
 
@@ -98,10 +110,14 @@ def checkpoint_state(
         values = [f(o) for o in optimizers]
         return values if several else values[0]
 
+    sharded = [getattr(o, "_sharded", False) for o in optimizers]
+    if any(sharded) and not all(sharded):
+        raise ValueError("checkpoint_state() got sharded and unsharded optimizers together")
     state: dict[str, Any] = {
         "format": _FORMAT,
         "model": _module(model).state_dict(),
-        "optimizer": each(lambda o: o.state_dict()),
+        # Sharded: the live optimizers, each rank writing its share when saved (no gathering).
+        "optimizer": each(lambda o: _Sharded(model, o) if sharded[0] else o.state_dict()),
         "optimizer_class": each(_class_name),
         "layout": each(_layout),
     }
@@ -124,8 +140,15 @@ def save_checkpoint(path: str | os.PathLike[str], obj: Any) -> None:
     process killed at any point leaves ``path`` either absent, or holding its previous
     complete content, or holding the new one; at worst a stray temporary file, which
     :func:`latest_checkpoint` ignores.
+
+    A :func:`checkpoint_state` of sharded optimizers is written as a directory next to
+    ``path``, with the suffix ``.dcp`` (see the module docs); every rank writes its share.
     """
     path = Path(path)
+    sharded = _sharded_entries(obj)
+    if sharded:
+        _save_sharded(path, obj, sharded)
+        return
     try:
         if _rank() == 0:
             _write_atomically(path, obj)
@@ -139,8 +162,9 @@ def save_checkpoint(path: str | os.PathLike[str], obj: Any) -> None:
 def latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
     """The complete checkpoint with the highest step in ``directory``, or ``None``.
 
-    Only files named as :func:`checkpoint_path` names them count; a temporary file left by a
-    writer that was killed does not. A missing directory has no checkpoint.
+    Only files named as :func:`checkpoint_path` names them, and directories of sharded
+    checkpoints named alike with ``.dcp``, count; a temporary file or directory left by a writer
+    that was killed does not. A missing directory has no checkpoint.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -148,7 +172,7 @@ def latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
     best: tuple[int, Path] | None = None
     for entry in directory.iterdir():
         m = _NAME.match(entry.name)
-        if m and entry.is_file():
+        if m and (entry.is_file() if m.group(2) == "pt" else entry.is_dir()):
             step = int(m.group(1))
             if best is None or step > best[0]:
                 best = (step, entry)
@@ -175,7 +199,9 @@ def load_checkpoint(
             optimizers or schedulers, for a model with other state keys or shapes, or without
             the scheduler state asked for. Nothing is modified then.
     """
-    ckpt = torch.load(Path(path), map_location=map_location, weights_only=True)
+    path = Path(path)
+    shards = path / _OPTIMIZER_DIR if path.is_dir() else None
+    ckpt = torch.load(path / _STATE_FILE if shards else path, map_location=map_location, weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != _FORMAT:
         raise ValueError(f"{path} is not a checkpoint written by overlap_sgd.checkpoint_state()")
     where = str(path)
@@ -189,11 +215,78 @@ def load_checkpoint(
             raise ValueError(f"{where} holds no scheduler state, but a scheduler was given to load it")
         schedulers, saved_schedulers = _pair(where, "scheduler", scheduler, ckpt)
     _module(model).load_state_dict(ckpt["model"])
-    for opt, entry in zip(optimizers, saved):
-        opt.load_state_dict(entry["optimizer"])
+    if shards is not None:
+        from .dcp import load_optimizer_state_dict
+
+        load_optimizer_state_dict(model, optimizers, shards)
+    else:
+        for opt, entry in zip(optimizers, saved):
+            opt.load_state_dict(entry["optimizer"])
     for sched, state in zip(schedulers, saved_schedulers):
         sched.load_state_dict(state)
     return ckpt
+
+
+# -- sharded optimizer state -----------------------------------------------------------------
+
+
+class _Sharded:
+    """Stands for a sharded optimizer's state in a :func:`checkpoint_state`, until saved."""
+
+    def __init__(self, model: nn.Module, optimizer: Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+
+def _sharded_entries(obj: Any) -> list[_Sharded]:
+    if not isinstance(obj, dict):
+        return []
+    entries = obj.get("optimizer")
+    entries = entries if isinstance(entries, list) else [entries]
+    return [e for e in entries if isinstance(e, _Sharded)]
+
+
+def _save_sharded(path: Path, obj: dict[str, Any], sharded: list[_Sharded]) -> None:
+    """Write a sharded checkpoint directory atomically (see the module docs); every rank calls it."""
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+
+    from .dcp import optimizer_state_dict
+
+    final = path.with_suffix(".dcp")
+    tmp = final.parent / f".{final.name}.tmp"
+    distributed = dist.is_available() and dist.is_initialized()
+    failure: BaseException | None = None
+    if _rank() == 0:
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a writer that was killed
+            tmp.mkdir(parents=True)
+            plain = dict(obj)
+            plain["optimizer"] = [None] * len(sharded) if isinstance(obj["optimizer"], list) else None
+            _write_atomically(tmp / _STATE_FILE, plain)
+        except BaseException as exc:  # noqa: BLE001 - raised after the barrier below
+            failure = exc
+    wrote = [failure is None]
+    if distributed:  # every rank learns whether rank 0 could start: dcp.save is a collective
+        dist.broadcast_object_list(wrote, src=0)
+    if not wrote[0]:
+        raise failure if failure is not None else RuntimeError(f"rank 0 could not start writing {final}")
+    if failure is None:
+        optimizers = [s.optimizer for s in sharded]
+        state = optimizer_state_dict(sharded[0].model, optimizers if len(optimizers) > 1 else optimizers[0])
+        dcp.save({"optimizer": state}, checkpoint_id=str(tmp / _OPTIMIZER_DIR))  # every rank, its share
+        if _rank() == 0:
+            try:
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                _fsync_directory(final.parent)
+            except BaseException as exc:  # noqa: BLE001
+                failure = exc
+    if distributed:
+        dist.barrier()
+    if failure is not None:
+        raise failure
 
 
 # -- helpers ---------------------------------------------------------------------------------
