@@ -182,14 +182,14 @@ def _by_elements(
     main = world * chunk
     group = state.process_group
     shard = state._grad_shards[plan.index]
+    # The local gradients' verdict, read before the collectives below may sum into the bucket.
+    flags = plan.non_finite_flags(buffer) if state.finite is not None else None
     futures = []
     if chunk:
         futures.append(reduce_scatter(shard[:chunk], buffer[:main], group, state.waiter))
     if tail:
         futures.append(all_reduce(buffer[main:], group))
-    flags = None
-    if state.finite is not None:  # the verdict must be the same on every rank: reduce it
-        flags = plan.non_finite_flags(buffer)
+    if flags is not None:  # the verdict must be the same on every rank: reduce it
         futures.append(all_reduce(flags, group, dist.ReduceOp.MAX))
     used = state.launch_used(plan)
     done = Completion(plan.device)
