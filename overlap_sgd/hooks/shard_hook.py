@@ -313,9 +313,17 @@ def _gather_elements(
     if tail:
         futures.append(broadcast(buffer[main:], world - 1, state.gather_group))
     views = plan.views(buffer)
-    owned = [pos for pos in range(len(plan.params)) if pos in layout.owned]
-    targets = [flat(plan.params[pos]) for pos in owned]
-    sources = [flat(views[pos]) for pos in owned]
+    # Only the other ranks' ranges: this rank's update wrote its own into the parameters.
+    targets, sources = [], []
+    offset = 0
+    for pos, p in enumerate(plan.params):
+        n = p.numel()
+        if pos in layout.owned:
+            for lo, hi in ((0, min(n, layout.start - offset)), (max(0, layout.stop - offset), n)):
+                if lo < hi:
+                    targets.append(flat(p)[lo:hi])
+                    sources.append(flat(views[pos])[lo:hi])
+        offset += n
     unowned = [pos for pos in range(len(plan.params)) if pos not in layout.owned]
 
     def copy_out(result: Tensor, _flags: Optional[Tensor]) -> None:
