@@ -11,8 +11,9 @@ executor the bucket index that goes with each communication future.
 
 # No "from __future__ import annotations": DDP checks a comm hook's annotations at runtime.
 
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
@@ -32,6 +33,8 @@ class BucketTiming:
     comm_done: float = 0.0
     update_start: float = 0.0
     update_end: float = 0.0
+    #: Set once the update has run (or its communication failed).
+    finished: threading.Event = field(default_factory=threading.Event)
 
 
 class InstrumentedExecutor(Executor):
@@ -51,8 +54,13 @@ class InstrumentedExecutor(Executor):
         self.bucket_of: dict[int, int] = {}
 
     def take(self) -> list[BucketTiming]:
-        """The timings recorded since the last call (call it once backward has returned)."""
+        """The timings recorded since the last call (call it once backward has returned).
+
+        Waits for updates still finishing: the sharded hook completes a bucket's future after
+        its all-gather, which may land before the update that launched it has returned."""
         out, self.timings = self.timings, []
+        for timing in out:
+            timing.finished.wait(timeout=30)
         return out
 
     def after(self, comm: Future, used: Optional[Future], update: Callable[..., None]) -> Future:
@@ -77,7 +85,9 @@ class InstrumentedExecutor(Executor):
             finally:
                 timing.update_end = time.perf_counter()
 
-        return self.inner.after(comm, used, timed)
+        fut = self.inner.after(comm, used, timed)
+        fut.add_done_callback(lambda _: timing.finished.set())
+        return fut
 
     def hold(self) -> None:
         self.inner.hold()

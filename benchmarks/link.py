@@ -13,6 +13,22 @@ way::
     state = LinkHookState(link, process_group=ddp.process_group)
     ddp.register_comm_hook(state, link_hook)                                   # post-backward
     overlap_sgd.overlap(ddp, opt, comm_hook=link_hook, comm_state=state)       # overlapped
+
+Sharded training communicates without a comm hook, so it goes on the link another way, with the
+same accounting. An all-reduce of ``B`` bytes is charged ``B`` bytes (what each of two ranks
+sends in a ring all-reduce); a ring all-reduce is a reduce-scatter followed by an all-gather,
+each sending half of it, so a reduce-scatter or an all-gather over a ``B``-byte buffer is charged
+``B / 2``, and together they cost exactly the all-reduce they replace:
+
+- :class:`LinkedCollectives`, around a sharded overlap mode's backward, holds each collective of
+  the sharded hook (reduce-scatters, all-gathers, and the small all-reduces and broadcasts of a
+  bucket's last few elements) on the link after the real collective completes, as
+  :func:`link_hook` holds an all-reduce. It swaps the collective launchers the hook module
+  calls for wrapped ones while the context is open; the package itself is unchanged.
+- ``ZeroRedundancyOptimizer.step()`` broadcasts every rank's updated parameters to the others
+  after its local step: an all-gather of the parameters, charged half their bytes with
+  :meth:`SimulatedLink.carry` once the step has run. Its gradients are all-reduced by DDP
+  through :func:`link_hook` as in every other mode.
 """
 
 # No "from __future__ import annotations": DDP checks a comm hook's annotations at runtime.
@@ -27,7 +43,7 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.futures import Future
 
-__all__ = ["SimulatedLink", "LinkHookState", "link_hook"]
+__all__ = ["SimulatedLink", "LinkHookState", "LinkedCollectives", "link_hook", "tensor_bytes"]
 
 CommHook = Callable[[Any, dist.GradBucket], Future]
 
@@ -67,6 +83,12 @@ class SimulatedLink:
         out: Future = Future()
         fut.add_done_callback(lambda f: self._queue.put((f, out, nbytes, time.perf_counter())))
         return out
+
+    def carry(self, nbytes: int) -> None:
+        """Block until the link has carried ``nbytes`` more, after every earlier transfer."""
+        done: Future = Future()
+        done.set_result(None)
+        self.hold(done, nbytes).wait()
 
     def _loop(self) -> None:
         free_at = 0.0
@@ -124,3 +146,66 @@ def link_hook(state: LinkHookState, bucket: dist.GradBucket) -> torch.futures.Fu
     buffer = bucket.buffer()
     fut = state.inner(state.inner_state, bucket)
     return state.link.hold(fut, buffer.numel() * buffer.element_size())
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """The bytes of ``t``'s elements."""
+    return t.numel() * t.element_size()
+
+
+class LinkedCollectives:
+    """A context in which the sharded overlap hook's collectives are held on ``link``.
+
+    Each reduce-scatter and all-gather is held for half its full buffer's bytes, each all-reduce
+    for its bytes and each broadcast for half its bytes, counted from the moment the real
+    collective completes (see the module docs). Enter it around the forward and backward of a
+    model trained with ``overlap(..., shard=True)``: the hook launches every collective of a
+    backward pass within it, and backward returns only after they have all completed. (Buckets
+    sharded by whole parameters, for whole-tensor optimizers or per-parameter norm clipping,
+    are all-reduced by torch's default hook, which this does not hold; the benchmark's
+    optimizers are all element-wise.)
+
+    Example (inside an initialised process group)::
+
+        collectives = LinkedCollectives(link)
+        with collectives:
+            loss_fn(model(x), y).backward()
+    """
+
+    #: The names the sharded hook module calls its collective launchers by.
+    NAMES = ("reduce_scatter", "all_gather", "all_reduce", "broadcast")
+
+    def __init__(self, link: SimulatedLink):
+        self.link = link
+
+    def _wrapped(self, originals: dict[str, Callable[..., Future]]) -> dict[str, Callable[..., Future]]:
+        hold = self.link.hold
+
+        def reduce_scatter(out: torch.Tensor, inp: torch.Tensor, *args: Any) -> Future:
+            return hold(originals["reduce_scatter"](out, inp, *args), tensor_bytes(inp) // 2)
+
+        def all_gather(out: torch.Tensor, inp: torch.Tensor, *args: Any) -> Future:
+            return hold(originals["all_gather"](out, inp, *args), tensor_bytes(out) // 2)
+
+        def all_reduce(t: torch.Tensor, *args: Any) -> Future:
+            return hold(originals["all_reduce"](t, *args), tensor_bytes(t))
+
+        def broadcast(t: torch.Tensor, *args: Any) -> Future:
+            return hold(originals["broadcast"](t, *args), tensor_bytes(t) // 2)
+
+        return {"reduce_scatter": reduce_scatter, "all_gather": all_gather,
+                "all_reduce": all_reduce, "broadcast": broadcast}
+
+    def __enter__(self) -> "LinkedCollectives":
+        from overlap_sgd.hooks import shard_hook
+
+        self._originals = {name: getattr(shard_hook, name) for name in self.NAMES}
+        for name, fn in self._wrapped(self._originals).items():
+            setattr(shard_hook, name, fn)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        from overlap_sgd.hooks import shard_hook
+
+        for name, fn in self._originals.items():
+            setattr(shard_hook, name, fn)

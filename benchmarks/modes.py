@@ -6,9 +6,28 @@
 - ``upstream``: ``DistributedDataParallel._register_fused_optim``, PyTorch's own overlap
   (SGD, Adam and AdamW only; it takes no custom comm hook, so no simulated link).
 - ``overlap``: :func:`overlap_sgd.overlap`.
+- ``zero-post``: ``torch.distributed.optim.ZeroRedundancyOptimizer`` (each rank keeps the
+  optimizer state of its share of the parameters; the post-fused kernel), ``step()`` after
+  backward: the usual ZeRO-1 loop, which broadcasts every rank's updated parameters after
+  its local step.
+- ``zero-upstream``: ``ZeroRedundancyOptimizer(overlap_with_ddp=True)`` with
+  ``ddp_zero_hook.hook_with_zero_step_interleaved``, PyTorch's own sharded overlap. NCCL only:
+  torch refuses it on gloo, where it may hang, and the mode is reported as skipped. It skips
+  the parameter update of the first two or three iterations while DDP settles its buckets, so
+  it warms up for at least :data:`ZERO_UPSTREAM_WARMUP` steps.
+- ``overlap-shard``: :func:`overlap_sgd.overlap` with ``shard=True`` (ZeRO-1 inside backward).
 
-With a simulated link every communicating mode sends its buckets through the same
-:func:`~benchmarks.link.link_hook` wrapper.
+With a simulated link every mode that communicates through a DDP comm hook sends its buckets
+through the same :func:`~benchmarks.link.link_hook` wrapper. ``overlap-shard`` communicates
+without one: :class:`~benchmarks.link.LinkedCollectives` holds its reduce-scatters and
+all-gathers on the same link instead, each charged half its buffer's bytes, and ``zero-post``
+carries its parameter broadcast (an all-gather's worth of bytes) on the link after its step
+(see :mod:`benchmarks.link`). ``zero-upstream``'s all-reduces go through the link hook, its
+parameter broadcasts, issued from inside its hook, do not: under a link it is favoured.
+
+Every mode reports its optimizer state on each rank (:meth:`Mode.state_bytes`): the bytes of
+the state tensors the rank's optimizer holds, tensors with dimensions and 0-dim scalars
+(AdamW's ``step``) counted separately.
 
 Timing: on CPU each step is timed on the host (``time.perf_counter``). On CUDA the host only
 enqueues work, so each step records CUDA events on the current stream instead (start, end of
@@ -23,7 +42,7 @@ import contextlib
 import copy
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,12 +56,22 @@ import overlap_sgd
 from overlap_sgd.hooks import make_executor
 
 from .instrument import InstrumentedExecutor, LabelHookState, labelled_hook
-from .link import LinkHookState, SimulatedLink, link_hook
+from .link import LinkedCollectives, LinkHookState, SimulatedLink, link_hook
 from .workloads import loss_fn, make_optimizer, optimizer_spec
 
-__all__ = ["MODES", "Mode", "ModeContext", "StepRecord", "build_mode", "pick_fast_kernel"]
+__all__ = ["MODES", "SHARDED", "Mode", "ModeContext", "StepRecord", "build_mode", "pick_fast_kernel",
+           "state_bytes"]
 
-MODES: tuple[str, ...] = ("floor", "post", "post-fused", "upstream", "overlap")
+MODES: tuple[str, ...] = (
+    "floor", "post", "post-fused", "upstream", "overlap", "zero-post", "zero-upstream", "overlap-shard",
+)
+
+#: The modes whose ranks each keep the optimizer state of only their share of the parameters.
+SHARDED: tuple[str, ...] = ("zero-post", "zero-upstream", "overlap-shard")
+
+#: Warm-up steps ``zero-upstream`` needs at least: it updates nothing in its first two (three
+#: with ``static_graph``) iterations, while DDP settles its buckets.
+ZERO_UPSTREAM_WARMUP = 4
 
 _UPSTREAM_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
@@ -52,16 +81,21 @@ class StepRecord:
     """Times of one training step, in seconds (host clock on CPU, CUDA events on CUDA)."""
 
     total: float
-    #: Forward plus backward (for ``overlap`` and ``upstream`` this includes the updates).
+    #: Forward plus backward (for the overlapping modes this includes the updates).
     backward: float
-    #: ``optimizer.step()`` alone (post-backward modes only).
+    #: ``optimizer.step()`` alone (post-backward modes only; for ``zero-post`` with its
+    #: parameter broadcast and, under a simulated link, the broadcast's time on the link).
     opt_step: float | None = None
-    #: ``overlap`` on CPU only: time spent in bucket updates, summed over buckets.
+    #: ``overlap`` and ``overlap-shard`` on CPU only: time spent in bucket updates, summed
+    #: over buckets (for ``overlap-shard`` with each bucket's copy of the gathered parameters).
     update_busy: float | None = None
-    #: ``overlap`` only: time buckets waited between communication and update, summed.
+    #: Those modes only: time buckets waited between communication and update, summed.
     update_wait: float | None = None
-    #: ``overlap`` only: from the last bucket's communication completing to backward returning.
+    #: Those modes only: from the last communication completing (``overlap-shard``: the last
+    #: all-gather) to backward returning.
     tail: float | None = None
+    #: Under a simulated link: the time the link spent carrying this step's bytes.
+    link_busy: float | None = None
 
 
 @dataclass
@@ -101,6 +135,18 @@ class Mode:
     autocast: torch.dtype | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     records: list[StepRecord] = field(default_factory=list)
+    #: ``optimizer.step()`` runs after backward and is timed on its own.
+    post_backward: bool = False
+    #: A context entered around forward and backward (``overlap-shard`` under a link).
+    comm: Any = None
+    #: Run after ``optimizer.step()``, timed with it (``zero-post`` under a link).
+    after_step: Callable[[], None] | None = None
+    #: Warm-up steps this mode needs at least.
+    min_warmup: int = 0
+    #: The simulated link this mode's communication is held on, if any.
+    link: SimulatedLink | None = None
+    #: The state dicts (parameter -> {name: value}) of the optimizers this rank holds.
+    states: Callable[[], list[Mapping[Any, Mapping[str, Any]]]] = lambda: []
     #: CUDA only: records whose events :meth:`settle` has not read yet.
     _pending: list[tuple[StepRecord, list[Any]]] = field(default_factory=list)
 
@@ -126,18 +172,22 @@ class Mode:
         assert self.model is not None
         events = [torch.cuda.Event(enable_timing=True) for _ in range(4)] if self.cuda_events else []
         mark = (lambda i: events[i].record()) if events else (lambda i: None)
+        busy = self.link.busy_s if self.link is not None else None
         t0 = time.perf_counter()
         mark(0)
-        with self._forward_context():
-            loss = loss_fn(self.model(x), y)
-        loss.backward()
+        with self.comm if self.comm is not None else contextlib.nullcontext():
+            with self._forward_context():
+                loss = loss_fn(self.model(x), y)
+            loss.backward()
         mark(1)
         t1 = time.perf_counter()
         opt_s = None
         if self.optimizer is not None:
             self.optimizer.step()
+            if self.after_step is not None:
+                self.after_step()
             mark(2)
-            if self.name.startswith("post"):
+            if self.post_backward:
                 opt_s = time.perf_counter() - t1
             self.optimizer.zero_grad(set_to_none=True)
         else:
@@ -148,6 +198,8 @@ class Mode:
             self.sync()
         t2 = time.perf_counter()
         rec = StepRecord(total=t2 - t0, backward=t1 - t0, opt_step=opt_s)
+        if busy is not None:
+            rec.link_busy = self.link.busy_s - busy  # the step waited for all its transfers
         if self.executor is not None:
             buckets = self.executor.take()
             # On CUDA the host stamps would time the enqueueing only: leave them out.
@@ -172,12 +224,36 @@ class Mode:
                 rec.opt_step = backward_end.elapsed_time(opt_end) / 1e3
         self._pending.clear()
 
+    def state_bytes(self) -> dict[str, int]:
+        """This rank's optimizer state: ``tensors`` (bytes of the state tensors with dimensions)
+        and ``scalars`` (bytes of the 0-dim ones, such as ``step``)."""
+        return state_bytes(self.states())
+
     def close(self) -> None:
         if self.optimizer is not None and hasattr(self.optimizer, "hook_state"):
             self.optimizer.hook_state.close()
         self._pending.clear()
         self.model = None
         self.optimizer = None
+
+
+def state_bytes(states: Iterable[Mapping[Any, Mapping[str, Any]]]) -> dict[str, int]:
+    """Bytes of the tensors in optimizer state dicts (parameter -> {name: value}), those with
+    dimensions (``tensors``) and 0-dim ones (``scalars``) apart; other values are not counted.
+
+    Example:
+        >>> import torch
+        >>> p = torch.zeros(3)
+        >>> state_bytes([{p: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(3), "lr": 0.1}}])
+        {'tensors': 12, 'scalars': 4}
+    """
+    out = {"tensors": 0, "scalars": 0}
+    for state in states:
+        for entry in state.values():
+            for value in entry.values():
+                if isinstance(value, Tensor):
+                    out["tensors" if value.dim() > 0 else "scalars"] += value.numel() * value.element_size()
+    return out
 
 
 def _ddp(ctx: ModeContext) -> DistributedDataParallel:
@@ -215,12 +291,23 @@ def build_mode(name: str, ctx: ModeContext) -> Mode:
     """Build mode ``name`` (one of :data:`MODES`) from ``ctx``; see the module docs."""
     if name not in MODES:
         raise ValueError(f"unknown mode {name!r}; choose from {', '.join(MODES)}")
-    mode = Mode(name, sync=ctx.sync, autocast=ctx.autocast, device=ctx.device)
+    mode = Mode(name, sync=ctx.sync, autocast=ctx.autocast, device=ctx.device, link=ctx.link)
     if name == "upstream":
         return _build_upstream(mode, ctx)
+    if name == "zero-upstream":
+        return _build_zero_upstream(mode, ctx)
     ddp = _ddp(ctx)
     mode.model = ddp
     link_state = LinkHookState(ctx.link, process_group=ddp.process_group) if ctx.link else None
+    if name == "overlap-shard":
+        opt = make_optimizer(ctx.optimizer, ddp.parameters(), **ctx.overlap_kernel)
+        executor = InstrumentedExecutor(make_executor("auto", ctx.device))
+        mode.optimizer = overlap_sgd.overlap(ddp, opt, shard=True, executor=executor)
+        mode.executor = executor
+        mode.comm = LinkedCollectives(ctx.link) if ctx.link is not None else None
+        mode.states = lambda: [opt.state]
+        mode.kernel = "bucket shard " + ("fused" if ctx.overlap_kernel.get("fused") else "foreach")
+        return mode
     if name == "overlap":
         opt = make_optimizer(ctx.optimizer, ddp.parameters(), **ctx.overlap_kernel)
         # Without a link the package's own all-reduce runs and labels itself in a trace
@@ -238,18 +325,73 @@ def build_mode(name: str, ctx: ModeContext) -> Mode:
             )
         mode.optimizer = overlap_sgd.overlap(ddp, opt, hook, state, executor=executor)
         mode.executor = executor
+        mode.states = lambda: [opt.state]
         mode.kernel = "bucket " + ("fused" if ctx.overlap_kernel.get("fused") else "foreach")
         return mode
     if link_state is not None:
         ddp.register_comm_hook(link_state, link_hook)
+    mode.post_backward = name != "floor"
     if name == "post":
         mode.optimizer = make_optimizer(ctx.optimizer, ddp.parameters())
         mode.kernel = _default_kernel(list(ddp.parameters()))
     elif name == "post-fused":
         mode.optimizer = make_optimizer(ctx.optimizer, ddp.parameters(), **ctx.fast_kernel)
         mode.kernel = _kernel_name(ctx.fast_kernel)
+    elif name == "zero-post":
+        zero = _zero(ctx, ddp)
+        mode.optimizer = zero
+        mode.states = lambda: [zero.optim.state]
+        mode.kernel = f"ZeRO local step ({_kernel_name(ctx.fast_kernel)}) + parameter broadcast"
+        if ctx.link is not None:
+            # Every rank receives the others' updated parameters: an all-gather of them all.
+            nbytes = sum(p.numel() * p.element_size() for p in ddp.parameters()) // 2
+            link = ctx.link
+            mode.after_step = lambda: link.carry(nbytes)
     else:
         mode.kernel = "no optimizer"
+    if mode.optimizer is not None and name != "zero-post":
+        opt = mode.optimizer
+        mode.states = lambda: [opt.state]
+    return mode
+
+
+def _zero(ctx: ModeContext, ddp: DistributedDataParallel, **options: Any) -> Any:
+    """A ``ZeroRedundancyOptimizer`` over ``ddp``'s parameters with the post-fused kernel."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    cls, hyper = optimizer_spec(ctx.optimizer)
+    with warnings.catch_warnings(record=True):  # TorchScript deprecation of its functional optimizers
+        return ZeroRedundancyOptimizer(ddp.parameters(), optimizer_class=cls, process_group=ddp.process_group,
+                                       **hyper, **ctx.fast_kernel, **options)
+
+
+def _build_zero_upstream(mode: Mode, ctx: ModeContext) -> Mode:
+    from torch.distributed.algorithms.ddp_comm_hooks.ddp_zero_hook import hook_with_zero_step_interleaved
+
+    backend = dist.get_backend()
+    if backend != "nccl":
+        mode.skipped = (f"hook_with_zero_step_interleaved needs NCCL: torch refuses {backend} "
+                        "(overlapping DDP with ZeRO may hang there)")
+        return mode
+    ddp = _ddp(ctx)
+    try:
+        zero = _zero(ctx, ddp, overlap_with_ddp=True)
+        if ctx.link is not None:
+            state: Any = LinkHookState(ctx.link, process_group=ddp.process_group)
+            hook = hook_with_zero_step_interleaved(link_hook, ddp, zero)
+        else:
+            state, hook = ddp.process_group, hook_with_zero_step_interleaved(
+                default_hooks.allreduce_hook, ddp, zero)
+        ddp.register_comm_hook(state, hook)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        mode.skipped = f"ZeroRedundancyOptimizer(overlap_with_ddp=True) failed: {exc}"
+        return mode
+    mode.model = ddp
+    # step() does nothing with overlap_with_ddp (the hook steps): the loop only zeroes gradients.
+    mode.states = lambda: [zero.optim.state] if hasattr(zero, "optim") else []
+    mode.min_warmup = ZERO_UPSTREAM_WARMUP
+    mode.kernel = (f"ZeRO local step ({_kernel_name(ctx.fast_kernel)}) per bucket in the comm callback"
+                   + ("; its parameter broadcasts are not held on the link" if ctx.link else ""))
     return mode
 
 
@@ -273,8 +415,21 @@ def _build_upstream(mode: Mode, ctx: ModeContext) -> Mode:
         mode.skipped = f"_register_fused_optim failed: {exc}"
         return mode
     mode.model = ddp
+    mode.states = lambda: _upstream_states(ddp)
     mode.kernel = "per-param step in the comm callback"
     return mode
+
+
+def _upstream_states(ddp: DistributedDataParallel) -> list[Mapping[Any, Mapping[str, Any]]]:
+    """The state of the functional optimizer ``_register_fused_optim`` put in ``ddp``'s comm
+    hook (kept in the hook's closure; nothing, where a torch keeps it elsewhere)."""
+    out = []
+    for hook, _ in getattr(ddp, "_comm_hooks", []):
+        for cell in getattr(hook, "__closure__", None) or ():
+            optim = getattr(cell.cell_contents, "functional_optimizer", None)
+            if isinstance(getattr(optim, "state", None), Mapping):
+                out.append(optim.state)
+    return out
 
 
 def pick_fast_kernel(

@@ -1,19 +1,25 @@
 """python -m benchmarks.overlap_bench [--nproc 2] [--link-gbps 2 --bucket-cap-mb 4] [--out bench-out]
 python -m benchmarks.overlap_bench --device cuda --nproc 1 --model gpt --autocast bf16 --trace-dir T
 
-Measures, in one run, the DDP step time of five modes, interleaved round-robin so that drift of
+Measures, in one run, the DDP step time of eight modes, interleaved round-robin so that drift of
 the machine hits each alike (every mode has its own DDP model, built from the same weights):
 
-  floor       DDP backward only, no optimizer: the limit of any overlap
-  post        optimizer.step() after backward, torch's default kernels
-  post-fused  optimizer.step() after backward, the faster of fused=True / foreach=True
-  upstream    DistributedDataParallel._register_fused_optim, PyTorch's own overlap
-  overlap     overlap_sgd.overlap: each bucket updated as soon as its all-reduce lands
+  floor          DDP backward only, no optimizer: the limit of any overlap
+  post           optimizer.step() after backward, torch's default kernels
+  post-fused     optimizer.step() after backward, the faster of fused=True / foreach=True
+  upstream       DistributedDataParallel._register_fused_optim, PyTorch's own overlap
+  overlap        overlap_sgd.overlap: each bucket updated as soon as its all-reduce lands
+  zero-post      ZeroRedundancyOptimizer (state sharded), step() after backward: ZeRO-1
+  zero-upstream  ZeroRedundancyOptimizer(overlap_with_ddp=True) + hook_with_zero_step_interleaved,
+                 PyTorch's own sharded overlap (NCCL only: skipped on gloo)
+  overlap-shard  overlap_sgd.overlap(..., shard=True): each rank updates its share of each
+                 bucket as it lands, keeping the optimizer state of that share only
 
-and reports median step time with p10/p90 and IQR, the ratios overlap/post, overlap/post-fused
-and overlap/upstream, the hidden fraction (post - overlap) / (post - floor), the optimizer step's
-achieved GB/s next to a triad kernel's, and peak memory. Writes OUT/overlap_bench.json, PNG plots
-when matplotlib is importable, and prints a table.
+and reports median step time with p10/p90 and IQR, the ratios overlap/post, overlap/post-fused,
+overlap/upstream and overlap-shard/overlap, /zero-post and /zero-upstream, the hidden fraction
+(post - overlap) / (post - floor), each mode's optimizer state per rank and peak memory, the
+sharded modes' targets, and the optimizer step's achieved GB/s next to a triad kernel's. Writes
+OUT/overlap_bench.json, PNG plots when matplotlib is importable, and prints a table.
 
 Ranks: without torchrun the tool spawns --nproc gloo ranks (NCCL with --device cuda, one GPU
 each) on a free 127.0.0.1 port; under ``torchrun --nproc-per-node N benchmarks/overlap_bench.py
@@ -23,8 +29,11 @@ time that ran beside default-stream kernels and the tail left after backward's l
 
 --link-gbps X *simulates* a slower network: each bucket's real all-reduce result is held on one
 serialized link thread per rank for bytes*8/X ns before its future completes (the thread sleeps,
-spending no CPU). All communicating modes use the same comm-hook wrapper; upstream cannot take a
-custom comm hook and is reported as skipped.
+spending no CPU). All modes that communicate through a DDP comm hook use the same wrapper;
+upstream cannot take a custom comm hook and is reported as skipped. overlap-shard's
+reduce-scatters and all-gathers are held on the same link, each for half its buffer's bytes (the
+two halves of a ring all-reduce), and zero-post carries its parameter broadcast there (half the
+parameters' bytes, an all-gather's worth) after its step.
 """
 
 from __future__ import annotations

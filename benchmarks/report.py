@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["format_table", "mode_memory", "plot", "trace_line", "write_json"]
+__all__ = ["format_table", "mode_memory", "plot", "sharding_lines", "trace_line", "write_json"]
 
 JSON_NAME = "overlap_bench.json"
 
@@ -36,12 +36,18 @@ def _mb(x: int | None) -> str:
     return "-" if x is None else f"{x / 2**20:.0f}"
 
 
+def _mb1(x: int | None) -> str:
+    return "-" if x is None else f"{x / 2**20:.1f}"
+
+
 def mode_memory(m: dict[str, Any]) -> dict[str, int | None]:
-    """A mode's memory in bytes, the largest over ranks: ``setup`` (what building the mode and its
-    warm-up steps left allocated: model, buckets, optimizer state), ``step`` (the peak of its
-    steps above what was allocated before them) and, on CUDA, ``peak`` (the allocator's peak
-    during its steps, other modes' resident memory included). CUDA figures where the run was on
-    CUDA, resident-set figures otherwise."""
+    """A mode's memory in bytes, the largest over ranks: ``state`` (the optimizer state the rank
+    holds, tensors with dimensions and 0-dim scalars, counted exactly), ``setup`` (what building
+    the mode and its warm-up steps left allocated: model, buckets, optimizer state), ``step``
+    (the peak of its steps above what was allocated before them) and ``peak``: on CUDA the
+    allocator's peak during its steps, other modes' resident memory included; on CPU the mode's
+    own resident memory at its peak, ``setup + step``. CUDA figures where the run was on CUDA,
+    resident-set figures otherwise."""
     mem = m.get("memory", {})
     cuda = "cuda_transient" in mem
     key = "cuda" if cuda else "rss"
@@ -50,12 +56,14 @@ def mode_memory(m: dict[str, Any]) -> dict[str, int | None]:
         vals = [v for v in values if v is not None]
         return max(vals) if vals else None
 
-    return {
-        "setup": largest((g or {}).get(key) for g in mem.get("setup_growth", [])),
-        "step": largest(mem.get(f"{key}_transient", [])),
-        "peak": largest(mem.get("cuda_peak", [])) if cuda else None,
-        "cuda": cuda,
-    }
+    setup = largest((g or {}).get(key) for g in mem.get("setup_growth", []))
+    step = largest(mem.get(f"{key}_transient", []))
+    if cuda:
+        peak = largest(mem.get("cuda_peak", []))
+    else:
+        peak = None if setup is None or step is None else setup + step
+    state = largest((r["tensors"] + r["scalars"]) for r in mem.get("optimizer_state", []) if r)
+    return {"state": state, "setup": setup, "step": step, "peak": peak, "cuda": cuda}
 
 
 def trace_line(run: dict[str, Any]) -> str | None:
@@ -102,25 +110,30 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"== {run['label']}  ({run['params'] / 1e6:.2f}M params, {run['optimizer_desc']})")
         cuda = any(mode_memory(m)["cuda"] for m in run["modes"].values() if m["status"] == "ok")
         lines.append(
-            f"{'mode':<11}{'median ms':>10}{'p10':>8}{'p90':>8}{'IQR':>7}{'fwd+bwd':>9}"
-            f"{'opt.step':>9}{'setup MB':>9}{'step MB':>8}"
-            + (f"{'peak MB':>9}  kernel / note (memory: CUDA allocator)" if cuda else "  kernel / note")
+            f"{'mode':<14}{'median ms':>10}{'p10':>8}{'p90':>8}{'IQR':>7}{'fwd+bwd':>9}"
+            f"{'opt.step':>9}{'state MB':>9}{'setup MB':>9}{'step MB':>8}{'peak MB':>8}  kernel / note"
+            + (" (memory: CUDA allocator)" if cuda else "")
         )
         for name, m in run["modes"].items():
             if m["status"] != "ok":
-                lines.append(f"{name:<11}{'skipped':>10}  {m['reason']}")
+                lines.append(f"{name:<14}{'skipped':>10}  {m['reason']}")
                 continue
             st = m["step"]
             mem = mode_memory(m)
-            growth, transient = mem["setup"], mem["step"]
-            peak = f"{_mb(mem['peak']):>9}" if cuda else ""
             note = _mode_note(name, run, m)
             lines.append(
-                f"{name:<11}{_ms(st['median']):>10}{_ms(st['p10']):>8}{_ms(st['p90']):>8}"
+                f"{name:<14}{_ms(st['median']):>10}{_ms(st['p10']):>8}{_ms(st['p90']):>8}"
                 f"{_ms(st['iqr']):>7}{_ms(m.get('backward', {}).get('median')):>9}"
-                f"{_ms(m.get('opt_step', {}).get('median')):>9}{_mb(growth):>9}{_mb(transient):>8}"
-                f"{peak}  {note}"
+                f"{_ms(m.get('opt_step', {}).get('median')):>9}{_mb1(mem['state']):>9}"
+                f"{_mb(mem['setup']):>9}{_mb(mem['step']):>8}{_mb(mem['peak']):>8}  {note}"
             )
+        lines.append(
+            "memory per rank, the largest rank's: state = optimizer state held (tensors and 0-dim "
+            "scalars, exact); setup = growth from building the mode and its warm-up; step = peak "
+            "above that during its steps; peak = " + (
+                "the CUDA allocator's peak during its steps (other modes' memory included)" if cuda
+                else "setup + step (resident set)")
+        )
         c = run["comparison"]
         lines.append(
             "overlap/post {}   overlap/post-fused {}   overlap/upstream {}   hidden fraction {} "
@@ -130,6 +143,10 @@ def format_table(result: dict[str, Any]) -> str:
                 _num(c.get("hidden_fraction_vs_fused")),
             )
         )
+        lines.extend(sharding_lines(run))
+        linked = link_line(run)
+        if linked:
+            lines.append(linked)
         bw = run.get("bandwidth") or {}
         if bw:
             triad = bw.get("triad_gbs")
@@ -154,12 +171,84 @@ def format_table(result: dict[str, Any]) -> str:
 
 def _mode_note(name: str, run: dict[str, Any], m: dict[str, Any]) -> str:
     kernel = m.get("kernel", "")
-    if name == "overlap" and "update_busy" in m:
+    if name in ("overlap", "overlap-shard") and "update_busy" in m:
         busy = m.get("update_busy", {}).get("median")
         wait = m.get("update_wait", {}).get("median")
         tail = m.get("tail", {}).get("median")
         kernel += f"; updates {_ms(busy)} ms, queued {_ms(wait)} ms, tail after last comm {_ms(tail)} ms"
     return kernel
+
+
+
+
+def sharding_lines(run: dict[str, Any]) -> list[str]:
+    """The sharded modes' ratios (step time, state per rank) and the targets, with verdicts
+    where the run's configuration is the one they are set for."""
+    c = run["comparison"]
+    sh = run.get("sharding")
+    modes = run["modes"]
+    if not sh or not any(name in modes for name in ("zero-post", "zero-upstream", "overlap-shard")):
+        return []
+    lines = [
+        "overlap-shard/overlap {}   overlap-shard/zero-post {}   overlap-shard/zero-upstream {}".format(
+            _num(c.get("overlap-shard/overlap")), _num(c.get("overlap-shard/zero-post")),
+            _num(c.get("overlap-shard/zero-upstream"))),
+        "state per rank: " + "   ".join(f"{k} {_num(v)}" for k, v in sh["state_ratio"].items()),
+    ]
+    cfg = sh["target_config"]
+    where = (f"{cfg['link_gbps']:g} Gbit/s link, {cfg['bucket_cap_mb']:g} MB buckets, "
+             f"{cfg['world_size']} ranks, {cfg['optimizer']}")
+    parts = []
+    for t in sh["targets"]:
+        verdict = {True: "met", False: "NOT met", None: ""}[t["met"]]
+        parts.append(f"{t['what']} {t['ratio']} {_num(t['value'])} <= {t['bound']:.2f} {verdict}".rstrip())
+    head = "targets" if sh["targets_apply"] else f"targets (set for {where}; not this configuration)"
+    lines.append(f"{head}: " + "; ".join(parts))
+    if any(t["met"] is False and t["what"] == "step" for t in sh["targets"]):
+        lines.append(limit_line(run))
+    return lines
+
+
+def _median_of(m: dict[str, Any] | None, part: str) -> float | None:
+    if not m or m.get("status") != "ok":
+        return None
+    if part == "step":
+        return m["step"].get("median")
+    return m.get(part, {}).get("median")
+
+
+def link_line(run: dict[str, Any]) -> str | None:
+    """Under a simulated link: the link's busy time per step, per mode."""
+    if not run.get("link_gbps"):
+        return None
+    busy = {name: _median_of(m, "link_busy") for name, m in run["modes"].items()}
+    busy = {k: v for k, v in busy.items() if v is not None}
+    if not busy:
+        return None
+    return ("simulated link busy per step (ms, median): "
+            + ", ".join(f"{name} {_ms(v)}" for name, v in busy.items()))
+
+
+def limit_line(run: dict[str, Any]) -> str:
+    """What no overlap can hide behind a link-bound step: the floor (backward and the link's
+    bytes, no optimizer) and how far above it the overlapped modes end, by median and by p10
+    (which other work on the machine disturbs less), with their tails (the work left after
+    the last communication: the last update, or the copy of the last all-gathered bucket)."""
+    modes = run["modes"]
+    floor = _median_of(modes.get("floor"), "step")
+    floor_p10 = modes["floor"]["step"].get("p10") if floor is not None else None
+    parts = [f"limit: floor {_ms(floor)} ms, p10 {_ms(floor_p10)} (backward and communication, no optimizer)"]
+    for name in ("overlap", "overlap-shard"):
+        step = _median_of(modes.get(name), "step")
+        if step is None or floor is None or floor_p10 is None:
+            continue
+        p10 = modes[name]["step"]["p10"]
+        parts.append(f"{name} - floor {_ms(step - floor)} ms, p10 {_ms(p10 - floor_p10)} (tail after its last "
+                     f"communication {_ms(_median_of(modes.get(name), 'tail'))} ms)")
+    busy = _median_of(modes.get("overlap-shard"), "link_busy")
+    if busy is not None:
+        parts.append(f"the link carries {_ms(busy)} ms/step in floor, overlap and overlap-shard alike")
+    return "; ".join(parts)
 
 
 def plot(result: dict[str, Any], out_dir: str | Path) -> list[Path]:
@@ -204,7 +293,8 @@ def _plot_steps(plt: Any, result: dict[str, Any], path: Path) -> Path:
             med.append(1e3 * st["median"])
             lo.append(1e3 * (st["median"] - st["p10"]))
             hi.append(1e3 * (st["p90"] - st["median"]))
-        colors = ["#d62728" if n == "overlap" else "#7f7f7f" if n == "floor" else "#1f77b4" for n in names]
+        colors = ["#d62728" if n.startswith("overlap") else "#7f7f7f" if n == "floor" else "#1f77b4"
+                  for n in names]
         ax.bar(names, med, yerr=[lo, hi], color=colors, capsize=4)
         ax.set_ylabel("ms / step (median, p10-p90)")
         ax.set_title(run["label"], fontsize=9)

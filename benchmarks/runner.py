@@ -3,8 +3,9 @@
 For each configuration (workload, optimizer, bucket size, link), every mode gets its own DDP
 model built from the same initial weights and a few warm-up steps. Then, ``rounds`` times, each
 mode runs ``steps_per_round`` steps in turn (the order rotating every round), so that drift of
-the machine hits every mode alike. Per step the slowest rank's time counts. Rank 0 returns the
-collected results; the other ranks return ``None``.
+the machine hits every mode alike. Per step the slowest rank's time counts. After the rounds each
+rank reads its optimizer state's size in every mode. Rank 0 returns the collected results; the
+other ranks return ``None``.
 
 A mode whose step raises (``upstream`` on a torch that no longer supports it, say) is reported
 as skipped with the error instead of ending the run. With a trace requested, a few steps of a
@@ -35,6 +36,7 @@ from .memory import MemoryProbe
 from .modes import MODES, Mode, ModeContext, build_mode, pick_fast_kernel
 from .stats import compare, step_max, summarize
 from .stream_overlap import analyze, load_trace
+from .targets import sharding
 from .trace import write_trace
 from .workloads import Workload, build_model, describe_optimizer, make_batch
 
@@ -220,14 +222,14 @@ def run_config(cfg: RunConfig, opts: BenchOptions, rank: int, world: int, device
         before = probe.now()
         mode = build_mode(name, ctx)
         modes[name] = mode
-        if mode.active and _guarded(mode, opts.warmup, x, y, log):
+        if mode.active and _guarded(mode, max(opts.warmup, mode.min_warmup), x, y, log):
             mode.records.clear()
         after = probe.now()
         setup_mem[name] = {
             k: after[k] - before[k] if after[k] is not None and before[k] is not None else None
             for k in before
         }
-        log(f"  built {name:<10} {'(skipped: ' + mode.skipped + ')' if mode.skipped else mode.kernel}")
+        log(f"  built {name:<13} {'(skipped: ' + mode.skipped + ')' if mode.skipped else mode.kernel}")
     active = [m for m in modes.values() if m.active]
     block_mem: dict[str, list[dict[str, int | None]]] = {m.name: [] for m in active}
     for r in range(opts.rounds):
@@ -264,6 +266,7 @@ def run_config(cfg: RunConfig, opts: BenchOptions, rank: int, world: int, device
     local = {
         "rank": rank,
         "records": {m.name: [asdict(s) for s in m.records] for m in active},
+        "state_bytes": {m.name: m.state_bytes() for m in active},
         "skipped": {m.name: m.skipped for m in modes.values() if not m.active},
         "kernels": {m.name: m.kernel for m in active},
         "setup_mem": setup_mem,
@@ -311,13 +314,15 @@ def _assemble(cfg: RunConfig, opts: BenchOptions, n_params: int, fast: dict[str,
         medians[name] = stats.get("median")  # type: ignore[assignment]
         entry: dict[str, Any] = {"status": "ok", "kernel": first["kernels"][name], "step": stats,
                                  "step_times": totals}
-        for part in ("backward", "opt_step", "update_busy", "update_wait", "tail"):
+        for part in ("backward", "opt_step", "update_busy", "update_wait", "tail", "link_busy"):
             values = [s[part] for recs in per_rank for s in recs if s[part] is not None]
             if values:
                 entry[part] = summarize(values)
         entry["memory"] = _mode_memory(name, gathered)
         mode_out[name] = entry
     bandwidth = _bandwidth(gathered, traffic)
+    state = {name: entry["memory"]["optimizer_state"] for name, entry in mode_out.items()
+             if entry["status"] == "ok"}
     return {
         "label": cfg.label(),
         "workload": cfg.workload.as_dict(),
@@ -330,6 +335,7 @@ def _assemble(cfg: RunConfig, opts: BenchOptions, n_params: int, fast: dict[str,
         "post_fused_kernel_times_s": kernel_times,
         "modes": mode_out,
         "comparison": compare(medians),
+        "sharding": sharding(cfg.optimizer, cfg.bucket_cap_mb, cfg.link_gbps, len(gathered), medians, state),
         "bandwidth": bandwidth,
         "memory": {
             "per_rank": [g["totals"] for g in gathered],
@@ -339,7 +345,8 @@ def _assemble(cfg: RunConfig, opts: BenchOptions, n_params: int, fast: dict[str,
 
 
 def _mode_memory(name: str, gathered: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {"setup_growth": [g["setup_mem"].get(name) for g in gathered]}
+    out: dict[str, Any] = {"setup_growth": [g["setup_mem"].get(name) for g in gathered],
+                           "optimizer_state": [g["state_bytes"].get(name) for g in gathered]}
     blocks = [g["block_mem"].get(name, []) for g in gathered]
     for key in ("rss_transient", "rss_peak", "cuda_transient", "cuda_peak"):
         values = [max((b[key] for b in rank_blocks if b.get(key) is not None), default=None)

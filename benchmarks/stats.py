@@ -19,6 +19,9 @@ RATIOS: tuple[tuple[str, str], ...] = (
     ("overlap", "post"),
     ("overlap", "post-fused"),
     ("overlap", "upstream"),
+    ("overlap-shard", "overlap"),
+    ("overlap-shard", "zero-post"),
+    ("overlap-shard", "zero-upstream"),
 )
 
 

@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.link import SimulatedLink
-from benchmarks.modes import MODES, Mode, ModeContext, StepRecord, build_mode
+from benchmarks.link import LinkedCollectives, SimulatedLink
+from benchmarks.modes import MODES, SHARDED, Mode, ModeContext, StepRecord, build_mode, state_bytes
 from benchmarks.overlap_bench import parse_args
-from benchmarks.report import format_table
+from benchmarks.report import format_table, mode_memory, sharding_lines
 from benchmarks.runner import BenchOptions, configs
 from benchmarks.stats import compare, hidden_fraction, ratio, step_max, summarize
+from benchmarks.targets import TARGET_CONFIG, sharding
 from benchmarks.workloads import GPT, Workload, build_model, loss_fn, make_batch
 from tests.distributed import run_distributed
 
@@ -57,6 +58,49 @@ def test_ratios_and_hidden_fraction():
     assert ratio(1.0, None) is None and ratio(1.0, 0.0) is None
     skipped = compare({**medians, "upstream": None})
     assert skipped["overlap/upstream"] is None and skipped["overlap/post"] == pytest.approx(0.6)
+    sharded = compare({**medians, "overlap-shard": 0.057, "zero-post": 0.075})
+    assert sharded["overlap-shard/overlap"] == pytest.approx(0.95)
+    assert sharded["overlap-shard/zero-post"] == pytest.approx(0.76)
+    assert sharded["overlap-shard/zero-upstream"] is None
+
+
+def _state(tensors: int, scalars: int = 8) -> dict[str, int]:
+    return {"tensors": tensors, "scalars": scalars}
+
+
+def test_sharding_targets_and_state_ratios():
+    state = {"overlap": [_state(1000), _state(1000)], "post-fused": [_state(1000), _state(1000)],
+             "overlap-shard": [_state(500), _state(504, 4)], "zero-post": [_state(600), _state(400)]}
+    medians = {"overlap": 0.100, "overlap-shard": 0.098, "zero-post": 0.120}
+    cfg = TARGET_CONFIG
+    s = sharding(cfg["optimizer"], cfg["bucket_cap_mb"], cfg["link_gbps"], cfg["world_size"], medians, state)
+    assert s["targets_apply"]
+    assert s["state_per_rank"]["overlap-shard"] == {"tensors": 504, "scalars": 8, "total": 508}
+    assert s["state_ratio"]["overlap-shard/overlap"] == pytest.approx(508 / 1008)
+    assert s["state_ratio"]["zero-post/post-fused"] == pytest.approx(608 / 1008)
+    assert s["state_ratio"]["zero-upstream/post-fused"] is None
+    verdicts = {(t["what"], t["ratio"]): (t["value"], t["met"]) for t in s["targets"]}
+    assert verdicts[("step", "overlap-shard/overlap")] == (pytest.approx(0.98), True)
+    assert verdicts[("step", "overlap-shard/zero-post")] == (pytest.approx(0.98 / 1.2), True)
+    assert verdicts[("state", "overlap-shard/overlap")][1] is True
+    slower = sharding("adamw", 4.0, 2.0, 2, {**medians, "overlap-shard": 0.115}, state)
+    met = [t["met"] for t in slower["targets"]]
+    assert met == [False, False, True]
+    # Another configuration: the same ratios, no verdicts.
+    elsewhere = sharding("sgd", 4.0, 2.0, 2, medians, state)
+    assert not elsewhere["targets_apply"] and [t["met"] for t in elsewhere["targets"]] == [None] * 3
+    assert elsewhere["targets"][0]["value"] == pytest.approx(0.98)
+    missing = sharding("adamw", 4.0, 2.0, 2, {"overlap": 0.1}, {})
+    assert [t["met"] for t in missing["targets"]] == [None] * 3
+
+
+def test_state_bytes_counts_tensors_and_scalars_apart():
+    p, q = torch.zeros(4), torch.zeros(2, 3)
+    states = [{p: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(4), "exp_avg_sq": torch.zeros(4)}},
+              {q: {"momentum_buffer": torch.zeros(2, 3, dtype=torch.float64), "lr": 0.1}}]
+    assert state_bytes(states) == {"tensors": 4 * 4 * 2 + 6 * 8, "scalars": 4}
+    assert state_bytes([]) == {"tensors": 0, "scalars": 0}
+    assert Mode("floor").state_bytes() == {"tensors": 0, "scalars": 0}
 
 
 # -- the simulated link ----------------------------------------------------------------------
@@ -131,7 +175,7 @@ def _flat(module: torch.nn.Module) -> list[float]:
 
 def _train_modes(rank: int, world: int, optimizer: str, link_gbps: float | None) -> dict:
     torch.manual_seed(0)
-    spec = Workload("mlp", width=16, depth=3, batch=4)
+    spec = Workload("mlp", width=16, depth=4, batch=4)  # four equal layers: ZeRO splits them evenly
     base = build_model(spec, seed=1)
     link = SimulatedLink(link_gbps) if link_gbps else None
     ctx = ModeContext(
@@ -139,20 +183,27 @@ def _train_modes(rank: int, world: int, optimizer: str, link_gbps: float | None)
         link=link, fast_kernel={"fused": True},
     )
     x, y = make_batch(spec, rank, torch.device("cpu"))
-    out: dict = {"init": _flat(base)}
+    out: dict = {"init": _flat(base), "state": {}, "link_bytes": {}}
     for name in MODES:
         mode = build_mode(name, ctx)
         if not mode.active:
             out[name] = mode.skipped
             continue
         for _ in range(3):
+            carried = link.bytes_carried if link is not None else 0
             rec = mode.step(x, y)
             assert rec.total > 0 and rec.backward > 0
-        if name.startswith("post"):
+            if link is not None:
+                out["link_bytes"][name] = link.bytes_carried - carried  # the last step's
+                assert rec.link_busy == pytest.approx(link.seconds(out["link_bytes"][name]))
+            else:
+                assert rec.link_busy is None
+        if name.startswith("post") or name == "zero-post":
             assert all(r.opt_step is not None for r in mode.records)
-        if name == "overlap":
-            assert all(r.update_busy is not None and r.update_busy > 0 for r in mode.records)
+        if name.startswith("overlap"):
+            assert all(r.update_busy is not None and r.update_busy > 0 for r in mode.records), (name, mode.records)
         out[name] = _flat(mode.model.module)
+        out["state"][name] = mode.state_bytes()
         mode.close()
     if link is not None:
         assert link.bytes_carried > 0
@@ -161,11 +212,17 @@ def _train_modes(rank: int, world: int, optimizer: str, link_gbps: float | None)
 
 
 def _modes_body(rank: int, world: int) -> list[dict]:
-    return [
+    from overlap_sgd.hooks import collectives, shard_hook
+
+    out = [
         _train_modes(rank, world, "sgd", None),
         _train_modes(rank, world, "adamw", None),
-        _train_modes(rank, world, "sgd", 20.0),
+        _train_modes(rank, world, "adamw", 20.0),
     ]
+    # The link is held only while a sharded step runs: the hook module is left as it was.
+    for name in LinkedCollectives.NAMES:
+        assert getattr(shard_hook, name) is getattr(collectives, name), name
+    return out
 
 
 def _gpt_modes_body(rank: int, world: int) -> dict:
@@ -178,6 +235,8 @@ def _gpt_modes_body(rank: int, world: int) -> dict:
     out: dict = {"init": _flat(base)}
     for name in MODES:
         mode = build_mode(name, ctx)
+        if not mode.active:
+            continue
         for _ in range(3):
             mode.step(x, y)
         out[name] = _flat(mode.model.module)
@@ -185,17 +244,61 @@ def _gpt_modes_body(rank: int, world: int) -> dict:
     return out
 
 
-def test_modes_train_alike():
-    results = run_distributed(_modes_body, 2, timeout=120)
+@pytest.fixture(scope="module")
+def mode_runs() -> list[list[dict]]:
+    """Every mode trained for three steps on two ranks: SGD and AdamW on loopback, AdamW behind a
+    simulated link (per rank, per configuration)."""
+    return run_distributed(_modes_body, 2, timeout=150)
+
+
+def test_modes_train_alike(mode_runs):
+    results = mode_runs
     for rank_results in results:
         for i, r in enumerate(rank_results):
             t = {k: torch.tensor(v) for k, v in r.items() if isinstance(v, list)}
             assert torch.equal(t["floor"], t["init"]), "floor has no optimizer"
             assert not torch.allclose(t["post"], t["init"]), "post did not train"
-            for name in ("post-fused", "overlap") + (("upstream",) if i < 2 else ()):
+            assert torch.isfinite(t["post"]).all()
+            for name in ("post-fused", "overlap", "zero-post", "overlap-shard") + (("upstream",) if i < 2 else ()):
                 torch.testing.assert_close(t[name], t["post"], rtol=1e-5, atol=1e-6, msg=name)
+            assert "NCCL" in r["zero-upstream"] and "gloo" in r["zero-upstream"]
         assert "simulated link" in rank_results[2]["upstream"]
-    assert results[0][0]["overlap"] == results[1][0]["overlap"]
+    for i in range(3):
+        for name in ("overlap", "zero-post", "overlap-shard"):
+            assert results[0][i][name] == results[1][i][name], (i, name)
+
+
+def test_sharded_modes_hold_half_the_state_on_each_of_two_ranks(mode_runs):
+    results = mode_runs
+    for i in range(3):
+        states = [rank_results[i]["state"] for rank_results in results]
+        for sharded, whole in (("overlap-shard", "overlap"), ("zero-post", "post-fused")):
+            unsharded = states[0][whole]["tensors"]
+            assert unsharded > 0 and states[1][whole]["tensors"] == unsharded
+            per_rank = [s[sharded]["tensors"] for s in states]
+            # Held once across the ranks, and about half on each.
+            assert sum(per_rank) == unsharded, (i, sharded, per_rank, unsharded)
+            assert all(0.45 * unsharded <= b <= 0.55 * unsharded for b in per_rank), (i, sharded, per_rank)
+        for s in states:
+            assert s["floor"] == {"tensors": 0, "scalars": 0}
+            assert s["post"]["tensors"] == s["post-fused"]["tensors"] == s["upstream" if i < 2 else "post"]["tensors"]
+            if i > 0:  # AdamW: a 0-dim step per parameter a rank holds state of
+                assert s["overlap"]["scalars"] > 0 and s["overlap-shard"]["scalars"] > 0
+
+
+def test_the_link_carries_the_same_bytes_for_sharded_and_unsharded_steps(mode_runs):
+    """Reduce-scatter and all-gather are charged half a bucket each: a sharded step puts an
+    all-reduce's bytes on the link; ZeRO's parameter broadcast adds half the parameters'."""
+    results = mode_runs
+    params = 4 * len(results[0][2]["init"])
+    for rank_results in results:
+        carried = rank_results[2]["link_bytes"]
+        floor = carried["floor"]
+        assert floor >= params  # every gradient crosses once (DDP may pad its buckets)
+        for name in ("post", "post-fused", "overlap", "overlap-shard"):
+            assert carried[name] == floor, (name, carried)
+        assert carried["zero-post"] == floor + params // 2
+        assert "upstream" not in carried and "zero-upstream" not in carried
 
 
 def test_gpt_modes_train_alike_under_bf16_autocast():
@@ -204,9 +307,11 @@ def test_gpt_modes_train_alike_under_bf16_autocast():
         t = {k: torch.tensor(v) for k, v in r.items()}
         assert torch.equal(t["floor"], t["init"])
         assert not torch.allclose(t["post"], t["init"]) and torch.isfinite(t["post"]).all()
-        for name in ("post-fused", "upstream", "overlap"):
+        for name in ("post-fused", "upstream", "overlap", "zero-post", "overlap-shard"):
             torch.testing.assert_close(t[name], t["post"], rtol=1e-5, atol=1e-6, msg=name)
+        assert "zero-upstream" not in t
     assert results[0]["overlap"] == results[1]["overlap"]
+    assert results[0]["overlap-shard"] == results[1]["overlap-shard"]
 
 
 # -- the GPT workload --------------------------------------------------------------------------
@@ -315,7 +420,19 @@ def test_command_line_writes_report_and_trace(tmp_path):
             assert m["step"]["p10"] <= m["step"]["median"] <= m["step"]["p90"]
             assert set(m["memory"]) >= {"setup_growth"}
         assert set(run["comparison"]) == {"overlap/post", "overlap/post-fused", "overlap/upstream",
+                                          "overlap-shard/overlap", "overlap-shard/zero-post",
+                                          "overlap-shard/zero-upstream",
                                           "hidden_fraction", "hidden_fraction_vs_fused"}
+        assert run["comparison"]["overlap-shard/overlap"] > 0
+        assert run["modes"]["zero-upstream"]["status"] == "skipped"
+        sh = run["sharding"]
+        assert not sh["targets_apply"] and len(sh["targets"]) == 3
+        per_rank = {name: run["modes"][name]["memory"]["optimizer_state"] for name in ("overlap", "overlap-shard")}
+        assert sum(r["tensors"] for r in per_rank["overlap-shard"]) == per_rank["overlap"][0]["tensors"] > 0
+        assert sh["state_ratio"]["overlap-shard/overlap"] <= 0.55
+        if run["link_gbps"]:
+            busy = {name: run["modes"][name]["link_busy"]["median"] for name in ("floor", "overlap-shard")}
+            assert busy["overlap-shard"] == pytest.approx(busy["floor"])
         bw = run["bandwidth"]
         assert bw["triad_gbs"] > 0 and bw["post_fused_step_gbs"] > 0
         assert bw["moved_bytes"] == 5 * 4 * run["params"]  # SGD momentum: p, g, buf read; p, buf written
@@ -323,7 +440,45 @@ def test_command_line_writes_report_and_trace(tmp_path):
     assert loopback["modes"]["upstream"]["status"] == "ok"
     assert linked["modes"]["upstream"]["status"] == "skipped"
     assert linked["comparison"]["overlap/upstream"] is None
-    assert "overlap/post" in format_table(result)
+    table = format_table(result)
+    assert "overlap/post" in table and "overlap-shard/overlap" in table and "state per rank" in table
+    assert "targets (set for 2 Gbit/s link, 4 MB buckets, 2 ranks, adamw" in table
+    assert "simulated link busy per step" in table
 
     names = {e.get("name") for e in json.loads(trace.read_text())["traceEvents"]}
     assert {"bucket0/comm", "bucket0/update", "bucket1/comm", "bucket1/update"} <= names
+
+
+def _run_for_report(shard_ms: float) -> dict:
+    def ok(ms: float, tail: float | None = None, state: int = 0) -> dict:
+        m = {"status": "ok", "kernel": "k", "step": {"median": ms / 1e3, "p10": ms / 1e3, "p90": ms / 1e3, "iqr": 0.0},
+             "link_busy": {"median": 0.134},
+             "memory": {"setup_growth": [{"rss": 100 << 20}, {"rss": 90 << 20}],
+                        "rss_transient": [5 << 20, 7 << 20],
+                        "optimizer_state": [_state(state, 32), _state(state, 32)]}}
+        if tail is not None:
+            m["tail"] = {"median": tail / 1e3}
+        return m
+
+    modes = {"floor": ok(157.0), "overlap": ok(160.0, 1.2, 64 << 20), "zero-post": ok(240.0, None, 32 << 20),
+             "overlap-shard": ok(shard_ms, 0.6, 32 << 20)}
+    medians = {name: m["step"]["median"] for name, m in modes.items()}
+    state = {name: m["memory"]["optimizer_state"] for name, m in modes.items()}
+    return {"label": "l", "params": 8_400_000, "optimizer_desc": "AdamW", "link_gbps": 2.0, "modes": modes,
+            "comparison": compare(medians), "sharding": sharding("adamw", 4.0, 2.0, 2, medians, state)}
+
+
+def test_report_prints_targets_and_the_limit_when_one_is_missed():
+    met = "\n".join(sharding_lines(_run_for_report(158.0)))
+    assert "targets: step overlap-shard/overlap 0.988 <= 1.00 met" in met
+    assert "state overlap-shard/overlap 0.500 <= 0.55 met" in met and "limit" not in met
+    missed = "\n".join(sharding_lines(_run_for_report(165.0)))
+    assert "step overlap-shard/overlap 1.031 <= 1.00 NOT met" in missed
+    assert "limit: floor 157.0 ms, p10 157.0" in missed and "overlap-shard - floor 8.0 ms, p10 8.0" in missed
+    assert "overlap - floor 3.0 ms" in missed and "134.0 ms/step" in missed
+    result = {"environment": {}, "runs": [_run_for_report(165.0)]}
+    table = format_table(result)
+    assert "NOT met" in table and "simulated link busy per step (ms, median): floor 134.0" in table
+    mem = mode_memory(result["runs"][0]["modes"]["overlap-shard"])
+    # On CPU the peak is the mode's own resident memory at its peak: set-up growth plus step.
+    assert mem == {"state": (32 << 20) + 32, "setup": 100 << 20, "step": 7 << 20, "peak": 107 << 20, "cuda": False}

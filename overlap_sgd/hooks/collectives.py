@@ -7,9 +7,12 @@ run, which happens in whatever order the buckets land, on whatever thread the ex
 So the all-gathers go to a process group of their own, and a :class:`Sequencer` issues them in
 bucket order: one that is ready early waits (without blocking anything) for its predecessors.
 
-Gloo's reduce-scatter has no future (``Work.get_future`` is not implemented for it): a
-:class:`Waiter` thread waits for such collectives in the order they were issued and completes a
-future for each.
+Gloo's reduce-scatter copies its whole input on the calling thread (the autograd thread, for
+the hook) and then all-reduces the copy: on CPU tensors :func:`reduce_scatter` all-reduces the
+input in place instead, the same sums without the copy, and takes this rank's range from it
+once it lands. Elsewhere gloo's reduce-scatter has no future (``Work.get_future`` is not
+implemented for it): a :class:`Waiter` thread waits for such collectives in the order they were
+issued and completes a future for each.
 
 Example (inside an initialised process group)::
 
@@ -105,9 +108,27 @@ def _future(work: dist.Work, value: Tensor, waiter: Waiter | None) -> Future:
 def reduce_scatter(out: Tensor, inp: Tensor, group: dist.ProcessGroup | None, waiter: Waiter | None) -> Future:
     """Start summing ``inp`` over the ranks, this rank keeping its ``out.numel()`` elements.
 
-    ``out`` may be this rank's slice of ``inp`` (in place)."""
+    ``out`` may be this rank's slice of ``inp`` (in place). What ``inp`` holds afterwards is
+    undefined: gloo on CPU all-reduces it in place (see the module docs)."""
+    if inp.device.type == "cpu" and dist.get_backend(group) == dist.Backend.GLOO:
+        return _reduce_scatter_in_place(out, inp, group)
     work = _reduce_scatter(out, inp, group=group, async_op=True)
     return _future(work, out, waiter)
+
+
+def _reduce_scatter_in_place(out: Tensor, inp: Tensor, group: dist.ProcessGroup | None) -> Future:
+    """Gloo on CPU: all-reduce ``inp`` in place, then copy this rank's range into ``out``."""
+    n = out.numel()
+    start = dist.get_rank(group) * n
+    mine = inp[start : start + n]
+
+    def take(f: Future) -> Tensor:
+        f.value()  # raises the collective's error
+        if mine.data_ptr() != out.data_ptr():
+            out.copy_(mine)
+        return out
+
+    return dist.all_reduce(inp, group=group, async_op=True).get_future().then(take)
 
 
 def all_gather(out: Tensor, inp: Tensor, group: dist.ProcessGroup | None, waiter: Waiter | None) -> Future:

@@ -231,14 +231,14 @@ def _by_elements(
     main = world * chunk
     group = state.process_group
     shard = state._grad_shards[plan.index]
+    # The local gradients' verdict, read before the collectives below may sum into the bucket.
+    flags = plan.non_finite_flags(buffer) if state.finite is not None else None
     futures = []
     if chunk:
         futures.append(reduce_scatter(shard[:chunk], buffer[:main], group, state.waiter))
     if tail:
         futures.append(all_reduce(buffer[main:], group))
-    flags = None
-    if state.finite is not None:  # the verdict must be the same on every rank: reduce it
-        flags = plan.non_finite_flags(buffer)
+    if flags is not None:  # the verdict must be the same on every rank: reduce it
         futures.append(all_reduce(flags, group, dist.ReduceOp.MAX))
     used = state.launch_used(plan)
     done = Completion(plan.device)
@@ -362,9 +362,17 @@ def _gather_elements(
     if tail:
         futures.append(broadcast(buffer[main:], world - 1, state.gather_group))
     views = plan.views(buffer)
-    owned = [pos for pos in range(len(plan.params)) if pos in layout.owned]
-    targets = [flat(plan.params[pos]) for pos in owned]
-    sources = [flat(views[pos]) for pos in owned]
+    # Only the other ranks' ranges: this rank's update wrote its own into the parameters.
+    targets, sources = [], []
+    offset = 0
+    for pos, p in enumerate(plan.params):
+        n = p.numel()
+        if pos in layout.owned:
+            for lo, hi in ((0, min(n, layout.start - offset)), (max(0, layout.stop - offset), n)):
+                if lo < hi:
+                    targets.append(flat(p)[lo:hi])
+                    sources.append(flat(views[pos])[lo:hi])
+        offset += n
     unowned = [pos for pos in range(len(plan.params)) if pos not in layout.owned]
 
     def copy_out(result: Tensor, _flags: Optional[Tensor]) -> None:

@@ -1,0 +1,88 @@
+"""What sharding saves per rank, and the sharded modes' targets, from one run's figures.
+
+The targets are set for one configuration, :data:`TARGET_CONFIG` (the simulated 2 Gbit/s link,
+4 MB buckets, two ranks, AdamW); elsewhere the same ratios are reported without a verdict:
+
+- ``overlap-shard`` steps no slower than ``overlap``: sharding costs no step time;
+- ``overlap-shard`` steps at most 0.95 x ``zero-post``: the sharded update hides in backward,
+  where ZeRO-1's runs after it;
+- ``overlap-shard``'s optimizer state per rank is at most 0.55 x ``overlap``'s (half, with two
+  ranks, plus the 0-dim scalars every rank holding a piece of a parameter keeps).
+
+State sizes compare the largest rank's state, tensors with dimensions and 0-dim scalars together.
+
+Example:
+    >>> state = {"overlap": [{"tensors": 800, "scalars": 8}] * 2,
+    ...          "overlap-shard": [{"tensors": 400, "scalars": 8}, {"tensors": 400, "scalars": 4}]}
+    >>> s = sharding("adamw", 4.0, 2.0, 2, {"overlap": 0.10, "overlap-shard": 0.09}, state)
+    >>> round(s["state_ratio"]["overlap-shard/overlap"], 3), [t["met"] for t in s["targets"]]
+    (0.505, [True, None, True])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .stats import ratio
+
+__all__ = ["STATE_RATIOS", "TARGETS", "TARGET_CONFIG", "sharding"]
+
+#: The configuration the targets are set for.
+TARGET_CONFIG: dict[str, Any] = {"optimizer": "adamw", "bucket_cap_mb": 4.0, "link_gbps": 2.0, "world_size": 2}
+
+#: (what, ratio, bound): ``what`` is ``"step"`` (median step times) or ``"state"`` (state per rank).
+TARGETS: tuple[tuple[str, str, float], ...] = (
+    ("step", "overlap-shard/overlap", 1.00),
+    ("step", "overlap-shard/zero-post", 0.95),
+    ("state", "overlap-shard/overlap", 0.55),
+)
+
+#: Sharded mode / its unsharded counterpart (same kernel), for the state each rank keeps.
+STATE_RATIOS: tuple[tuple[str, str], ...] = (
+    ("overlap-shard", "overlap"),
+    ("zero-post", "post-fused"),
+    ("zero-upstream", "post-fused"),
+)
+
+
+def _largest(per_rank: Sequence[Mapping[str, int] | None]) -> dict[str, int] | None:
+    ranks = [r for r in per_rank if r is not None]
+    if not ranks:
+        return None
+    return {
+        "tensors": max(r["tensors"] for r in ranks),
+        "scalars": max(r["scalars"] for r in ranks),
+        "total": max(r["tensors"] + r["scalars"] for r in ranks),
+    }
+
+
+def sharding(
+    optimizer: str,
+    bucket_cap_mb: float,
+    link_gbps: float | None,
+    world_size: int,
+    medians: Mapping[str, float | None],
+    state: Mapping[str, Sequence[Mapping[str, int] | None]],
+) -> dict[str, Any]:
+    """The largest rank's optimizer state per mode, the sharded/unsharded state ratios and the
+    targets: each with its value, bound and ``met`` (``None`` where the configuration is not
+    :data:`TARGET_CONFIG` or a figure is missing).
+
+    ``medians`` are median step times per mode; ``state`` each rank's
+    :meth:`~benchmarks.modes.Mode.state_bytes` per mode.
+    """
+    per_mode = {name: _largest(ranks) for name, ranks in state.items()}
+    totals = {name: (s["total"] if s else None) for name, s in per_mode.items()}
+    state_ratio = {f"{a}/{b}": ratio(totals.get(a), totals.get(b)) for a, b in STATE_RATIOS}
+    config = {"optimizer": optimizer, "bucket_cap_mb": bucket_cap_mb, "link_gbps": link_gbps,
+              "world_size": world_size}
+    applies = config == TARGET_CONFIG
+    targets = []
+    for what, name, bound in TARGETS:
+        a, b = name.split("/")
+        value = ratio(medians.get(a), medians.get(b)) if what == "step" else state_ratio.get(name)
+        met = (value <= bound) if applies and value is not None else None
+        targets.append({"what": what, "ratio": name, "value": value, "bound": bound, "met": met})
+    return {"state_per_rank": per_mode, "state_ratio": state_ratio, "targets": targets,
+            "targets_apply": applies, "target_config": TARGET_CONFIG}
