@@ -13,10 +13,20 @@ resumes from step 40 and ends bit-identical to a run that never crashed:
     torchrun --standalone --nproc-per-node 2 --max-restarts 1 examples/train_ddp.py \\
         --checkpoint-dir runs/demo --checkpoint-every 20 --crash-at-step 50
 
+The same job as two nodes of one process each (here both on this machine; on a cluster, run
+the command on each node with its --node-rank and the first node's address):
+
+    torchrun --nnodes 2 --node-rank 0 --nproc-per-node 1 --rdzv-backend c10d \\
+        --rdzv-endpoint 127.0.0.1:29400 examples/train_ddp.py      # and --node-rank 1
+
+A checkpoint resumes on any number of ranks (every rank holds the whole optimizer state):
+rerun with another --nproc-per-node and the same --checkpoint-dir.
+
 Runs on CPU with gloo, or on CUDA with NCCL when a GPU is present (--device).
 """
 
 import argparse
+import datetime
 import math
 import os
 import signal
@@ -57,7 +67,9 @@ parser.add_argument("--warmup", type=int, default=5, help="steps left out of the
 parser.add_argument("--checkpoint-dir", default=None, help="resume from the newest checkpoint here, and write new ones here")
 parser.add_argument("--checkpoint-every", type=int, default=0, help="write a checkpoint every this many steps (0: only at the end)")
 parser.add_argument("--save-final", default=None, help="write {model, optimizer, step} here at the end (torch.save)")
+parser.add_argument("--pg-timeout", type=float, default=None, help="seconds a collective may wait for a peer before it fails with an error (default: torch's, 30 min for gloo)")
 parser.add_argument("--crash-at-step", type=int, default=None, help="fault injection: rank 1 SIGKILLs itself just before this step, on the first attempt only")
+parser.add_argument("--stall-at-step", type=int, default=None, help="fault injection: rank 1 stops responding for 3 x --pg-timeout (60 s without) just before this step, on the first attempt only")
 args = parser.parse_args()
 
 # -----------------------------------------------------------------------------------------------
@@ -82,6 +94,13 @@ else:
     dist.init_process_group(backend, device_id=device if use_cuda else None)
 rank, world_size = dist.get_rank(), dist.get_world_size()
 master = rank == 0
+# An uncaught error (such as a collective that timed out) ends this rank with status 1 and its
+# traceback, rather than an abort at exit (see step 7).
+overlap_sgd.exit_process_on_error()
+# The timeout covers collectives from here on, not the start-up above: ranks may start seconds
+# apart, and a collective that waits longer for a peer that died or stalls fails with an error.
+if args.pg_timeout is not None:
+    dist.group.WORLD.set_timeout(datetime.timedelta(seconds=args.pg_timeout))
 
 
 def log(*parts):
@@ -169,10 +188,14 @@ def save(step):
 
 times, loss, saved_at = [], None, first_step
 while step < args.steps:
-    # 5. Fault injection: a hard kill, with no chance to clean up, on the first attempt only.
+    # 5. Fault injection, on the first attempt only: a hard kill, with no chance to clean up, or a
+    #    stall, which the other ranks see only as a collective that does not complete.
     if step == args.crash_at_step and rank == 1 and attempt == 0:
         print(f"rank 1: crashing (SIGKILL) before step {step}", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
+    if step == args.stall_at_step and rank == 1 and attempt == 0:
+        print(f"rank 1: stalling before step {step}", flush=True)
+        time.sleep(3 * args.pg_timeout if args.pg_timeout is not None else 60)
 
     x, y = batch(step, rank)
     t0 = time.perf_counter()
@@ -208,3 +231,8 @@ else:
         f"| mean step {1e3 * sum(timed) / len(timed):.2f} ms over {len(timed)} steps after {len(times) - len(timed)} warm-up "
         f"| final loss {final.item() / world_size:.6f}")
 dist.destroy_process_group()
+
+# 7. Exit without finalising the interpreter. With gloo, torch 2.13's worker threads may still be
+#    releasing the last collectives (and Python objects in them) while the interpreter finalises,
+#    which aborts a process that trained correctly (see overlap_sgd/shutdown.py for the evidence).
+overlap_sgd.exit_process()
