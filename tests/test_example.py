@@ -150,6 +150,8 @@ def test_overlap_and_post_backward_step_train_alike(overlap_run, tmp_path):
     overlap = torch.load(overlap_run[1], weights_only=True)
     post = torch.load(tmp_path / "post.pt", weights_only=True)
     assert overlap["step"] == post["step"] == 8
+    # Within rounding: the example leaves AdamW's kernel to torch, so the overlapped update runs
+    # the fused kernel and the post-backward step the multi-tensor one.
     assert overlap["model"].keys() == post["model"].keys()
     for name, value in overlap["model"].items():
         torch.testing.assert_close(value, post["model"][name], rtol=1e-5, atol=1e-6, msg=name)
