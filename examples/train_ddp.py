@@ -71,6 +71,8 @@ parser.add_argument("--pg-timeout", type=float, default=None, help="seconds a co
 parser.add_argument("--crash-at-step", type=int, default=None, help="fault injection: rank 1 SIGKILLs itself just before this step, on the first attempt only")
 parser.add_argument("--stall-at-step", type=int, default=None, help="fault injection: rank 1 stops responding for 3 x --pg-timeout (60 s without) just before this step, on the first attempt only")
 args = parser.parse_args()
+if args.pg_timeout is not None and not args.pg_timeout > 0:
+    parser.error(f"--pg-timeout must be a positive number of seconds, got {args.pg_timeout}")
 
 # -----------------------------------------------------------------------------------------------
 # 1. Process group and device. torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT, and
