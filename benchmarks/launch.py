@@ -1,7 +1,9 @@
 """Starting the ranks: under ``torchrun`` (environment variables) or by spawning them locally.
 
 Spawned ranks join a process group on a free 127.0.0.1 port. If a rank fails, the others are
-stopped rather than left waiting in a collective.
+stopped rather than left waiting in a collective. A spawned rank ends through
+:func:`overlap_sgd.exit_process`, as ``python -m benchmarks.overlap_bench`` does under torchrun,
+so that gloo's worker threads cannot abort it at exit (see :mod:`overlap_sgd.shutdown`).
 """
 
 from __future__ import annotations
@@ -11,11 +13,14 @@ import multiprocessing as mp
 import os
 import socket
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from overlap_sgd import exit_process
 
 __all__ = ["free_port", "launched_by_torchrun", "run_torchrun", "spawn"]
 
@@ -52,15 +57,20 @@ def run_torchrun(fn: Callable[[int, int, Any], Any], device: str, arg: Any, time
 
 def _child(fn: Callable[[int, int, Any], Any], rank: int, world: int, port: int, device: str,
            arg: Any, timeout_s: float) -> None:
-    _set_device(device, rank)
-    dist.init_process_group(
-        _backend(device), init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-        timeout=datetime.timedelta(seconds=timeout_s),
-    )
     try:
-        fn(rank, world, arg)
-    finally:
-        dist.destroy_process_group()
+        _set_device(device, rank)
+        dist.init_process_group(
+            _backend(device), init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+        try:
+            fn(rank, world, arg)
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        traceback.print_exc()
+        exit_process(1)
+    exit_process(0)
 
 
 def _status(exitcode: int | None) -> int:

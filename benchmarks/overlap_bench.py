@@ -168,4 +168,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # A rank under torchrun ends without finalising the interpreter (see overlap_sgd.shutdown).
+    from overlap_sgd import exit_process, exit_process_on_error
+
+    exit_process_on_error()
+    exit_process(main())

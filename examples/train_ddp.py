@@ -13,6 +13,15 @@ resumes from step 40 and ends bit-identical to a run that never crashed:
     torchrun --standalone --nproc-per-node 2 --max-restarts 1 examples/train_ddp.py \\
         --checkpoint-dir runs/demo --checkpoint-every 20 --crash-at-step 50
 
+The same job as two nodes of one process each (here both on this machine; on a cluster, run
+the command on each node with its --node-rank and the first node's address):
+
+    torchrun --nnodes 2 --node-rank 0 --nproc-per-node 1 --rdzv-backend c10d \\
+        --rdzv-endpoint 127.0.0.1:29400 examples/train_ddp.py      # and --node-rank 1
+
+A checkpoint resumes on any number of ranks (every rank holds the whole optimizer state):
+rerun with another --nproc-per-node and the same --checkpoint-dir.
+
 Runs on CPU with gloo, or on CUDA with NCCL when a GPU is present (--device).
 """
 
@@ -56,13 +65,18 @@ parser.add_argument("--warmup", type=int, default=5, help="steps left out of the
 parser.add_argument("--checkpoint-dir", default=None, help="resume from the newest checkpoint here, and write new ones here")
 parser.add_argument("--checkpoint-every", type=int, default=0, help="write a checkpoint every this many steps (0: only at the end)")
 parser.add_argument("--save-final", default=None, help="write {model, optimizer, step} here at the end (torch.save)")
+parser.add_argument("--pg-timeout", type=float, default=None, help="seconds a collective may wait for a peer before it fails with an error (default: torch's, 30 min for gloo)")
 parser.add_argument("--crash-at-step", type=int, default=None, help="fault injection: rank 1 SIGKILLs itself just before this step, on the first attempt only")
+parser.add_argument("--stall-at-step", type=int, default=None, help="fault injection: rank 1 stops responding for 3 x --pg-timeout (60 s without) just before this step, on the first attempt only")
 args = parser.parse_args()
+if args.pg_timeout is not None and not args.pg_timeout > 0:
+    parser.error(f"--pg-timeout must be a positive number of seconds, got {args.pg_timeout}")
 
 # -----------------------------------------------------------------------------------------------
-# 1. Process group and device: torchrun's environment, gloo on CPU or NCCL on CUDA, and a
-#    key-value store prefix of its own for each restart of the job (see examples/ddp_launch.py).
-launch = start(args.device, "train_ddp")
+# 1. Process group and device: torchrun's environment, gloo on CPU or NCCL on CUDA, a key-value
+#    store prefix of its own for each restart of the job, and --pg-timeout for the collectives
+#    from then on (see examples/ddp_launch.py).
+launch = start(args.device, "train_ddp", args.pg_timeout)
 rank, world_size, device, attempt = launch.rank, launch.world_size, launch.device, launch.attempt
 use_cuda, log = launch.cuda, launch.log
 
@@ -146,8 +160,9 @@ def save(step):
 
 times, loss, saved_at = [], None, first_step
 while step < args.steps:
-    # 5. Fault injection: a hard kill, with no chance to clean up, on the first attempt only.
-    crash_if_asked(launch, step, args.crash_at_step)
+    # 5. Fault injection, on the first attempt only: a hard kill, with no chance to clean up, or a
+    #    stall, which the other ranks see only as a collective that does not complete.
+    crash_if_asked(launch, step, args.crash_at_step, args.stall_at_step)
 
     x, y = batch(step, rank)
     t0 = time.perf_counter()
@@ -182,4 +197,6 @@ else:
     log(f"summary: mode {args.mode} | optimizer {args.optimizer} | steps {first_step} -> {step} "
         f"| mean step {1e3 * sum(timed) / len(timed):.2f} ms over {len(timed)} steps after {len(times) - len(timed)} warm-up "
         f"| final loss {final.item() / world_size:.6f}")
+
+# 7. Leave the job and exit without finalising the interpreter (see examples/ddp_launch.py).
 launch.close()

@@ -19,6 +19,7 @@ from .hooks import NonFiniteGradientError, OverlapHookState, make_overlap_hook, 
 from .optimizer import OverlappedOptimizer
 from .consistency import ConsistencyError, check_consistency
 from .drop_in import overlap, overlapped_optimizers, trainable_parameters
+from .shutdown import exit_process, exit_process_on_error
 from .registry import (
     Registration,
     lookup,
@@ -43,6 +44,8 @@ __all__ = [
     "OverlappedOptimizer",
     "Registration",
     "check_consistency",
+    "exit_process",
+    "exit_process_on_error",
     "lookup",
     "make_overlap_hook",
     "overlap",

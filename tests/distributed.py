@@ -9,6 +9,9 @@ suite.
 
 Ranks are forked from a forkserver that has already imported torch, so a rank starts in a
 fraction of a second. ``body`` must be a module-level function (it is pickled by reference).
+The forkserver ends each rank with ``os._exit``, without finalising the interpreter, so a rank
+cannot hit gloo's abort at exit (see :mod:`overlap_sgd.shutdown`); a rank that exits with a
+non-zero status after reporting its result fails the call all the same.
 """
 
 from __future__ import annotations
@@ -127,8 +130,10 @@ def run_distributed(
             if not ok:
                 break
     finally:
+        reported = len(outcomes) == world_size and all(ok for ok, _ in outcomes.values())
         for p in procs:
-            p.join(timeout=max(0.0, min(5.0, deadline - time.monotonic())))
+            # Ranks that reported still have to exit; give them time to (hard cap: the deadline).
+            p.join(timeout=max(10.0 if reported else 0.0, min(5.0, deadline - time.monotonic())))
         for p in procs:
             if p.is_alive():
                 p.kill()
@@ -139,4 +144,12 @@ def run_distributed(
     missing = [r for r in range(world_size) if r not in outcomes]
     if missing:
         raise DistributedFailure(f"ranks {missing} did not finish within {timeout:.0f} s (hung?)")
+    # A rank that reported its result and then aborted or hung on the way out is a failure too.
+    unclean = [
+        f"rank {i} reported its result, then exited with exit code {p.exitcode}"
+        + (" (killed: it did not exit)" if p.exitcode == -9 else "")
+        for i, p in enumerate(procs) if p.exitcode != 0 and i not in may_die
+    ]
+    if unclean:
+        raise DistributedFailure("; ".join(unclean))
     return [outcomes[r][1] for r in range(world_size)]

@@ -117,10 +117,12 @@ def test_link_holds_bytes_over_bandwidth():
     try:
         assert link.seconds(1_000_000) == pytest.approx(0.1)
         t0 = time.perf_counter()
-        out = link.hold(_done(3.0), 1_000_000).wait()
+        held = link.hold(_done(3.0), 1_000_000)
+        assert not held.done(), "the link let a landed bucket through without holding it"
+        out = held.wait()
         elapsed = time.perf_counter() - t0
         assert out.item() == 3.0
-        assert 0.095 <= elapsed < 0.5
+        assert elapsed >= 0.095  # a lower bound only: a loaded machine may hold it longer
         assert link.bytes_carried == 1_000_000
     finally:
         link.close()
@@ -139,7 +141,8 @@ def test_link_serializes_buckets():
         stamped_b = b.then(lambda _: finished.setdefault("b", time.perf_counter() - t0))
         stamped_b.wait()
         stamped_a.wait()
-        assert 0.095 <= finished["a"] < 0.5
+        # One link: the second bucket starts its 0.1 s only once the first has finished.
+        assert finished["a"] >= 0.095
         assert finished["b"] >= 0.195 and finished["b"] - finished["a"] >= 0.095
     finally:
         link.close()

@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import overlap_sgd
 from tests.distributed import run_distributed
 from tests.models import Net, batch
-from tests.parity import Scenario, check_moved, parity_many
+from tests.parity import Rounding, Scenario, check_moved, parity_many
 
 
 class Lion(torch.optim.Optimizer):
@@ -104,6 +104,23 @@ def test_every_optimizer_matches_post_backward(name: str) -> None:
 
 SCENARIO_OPTIMIZERS = ["RMSprop", "NAdam", "Adafactor", "Lion (unregistered)"]
 
+# With 2 ranks every row here is bit-identical to post-backward: both sides run the same
+# kernel on the same averaged gradients (halving is exact). With 3 ranks DDP divides each
+# rank's gradient by 3 before the sum and the overlap divides the sum, which rounds otherwise
+# in the last bit; each optimizer carries that difference on by its own amount (measured: the
+# atol each needs at rtol 1e-5).
+THIRDS = "3 ranks: a/3 + b/3 + c/3 (DDP) and (a + b + c)/3 (the overlap) round differently"
+WORLD3 = {
+    "RMSprop": Rounding(1e-4, 1e-4, THIRDS + "; centered RMSprop divides by sqrt(square_avg - "
+                        "grad_avg**2), a difference of nearly equal running averages, which "
+                        "magnifies them to 1.5e-5 in the momentum buffer"),
+    "NAdam": Rounding(1e-5, 1e-6, THIRDS + ", carried on unmagnified (6e-10)"),
+    "Adafactor": Rounding(1e-5, 1e-6, THIRDS + ", carried on unmagnified (1.2e-9)"),
+    "Lion (unregistered)": Rounding(1e-5, 1e-6, THIRDS + ", carried on unmagnified (4e-10): "
+                                    "sign() would make it a whole step only for a momentum "
+                                    "within rounding of zero, which no element comes near"),
+}
+
 
 @pytest.mark.parametrize("kind", ["world3", "no-sync", "groups-scheduler"])
 def test_optimizers_across_scenarios(kind: str) -> None:
@@ -112,9 +129,8 @@ def test_optimizers_across_scenarios(kind: str) -> None:
         "no-sync": dict(accumulate=2),
         "groups-scheduler": dict(groups=True, scheduler=True),
     }[kind]
-    # Centered RMSprop divides by a difference of running averages, which magnifies
-    # last-bit differences of the averaged gradients: float tolerance, a little wider.
-    scenarios = [Scenario(f"{n}/{kind}", OPTIMIZERS[n][0], steps=4, rtol=1e-4, atol=1e-5, **options)
+    scenarios = [Scenario(f"{n}/{kind}", OPTIMIZERS[n][0], steps=4,
+                          rounding=WORLD3[n] if kind == "world3" else None, **options)
                  for n in SCENARIO_OPTIMIZERS]
     _run(options.get("world_size", 2), scenarios)
 
@@ -126,17 +142,24 @@ def test_several_optimizers_on_one_model() -> None:
     ])
 
 
+# The kernel is named (fused=True) so that both sides run the same one: left to torch, the
+# overlapped update would run the fused kernel and the post-backward step the multi-tensor
+# one, which round differently (tests/test_ddp_parity.py covers that case).
+SGD_FUSED = partial(O.SGD, lr=0.05, momentum=0.9, fused=True)
+ADAMW_FUSED = partial(O.AdamW, lr=0.01, fused=True)
+
+
 def test_bf16_autocast_matches_post_backward() -> None:
-    _run(2, [Scenario("bf16-autocast-adamw", partial(O.AdamW, lr=0.01), autocast=True),
-             Scenario("bf16-autocast-sgd", partial(O.SGD, lr=0.05, momentum=0.9), autocast=True)])
+    _run(2, [Scenario("bf16-autocast-adamw", ADAMW_FUSED, autocast=True),
+             Scenario("bf16-autocast-sgd", SGD_FUSED, autocast=True)])
 
 
 def test_per_parameter_clipping_matches_manual_clipping() -> None:
     # The reference clips each p.grad after backward, one parameter at a time, as documented.
     _run(2, [
-        Scenario("clip-value", partial(O.SGD, lr=0.05, momentum=0.9), clip_value=0.01),
-        Scenario("clip-norm", partial(O.AdamW, lr=0.01), clip_norm=0.05),
-        Scenario("clip-both-unused", partial(O.SGD, lr=0.05, momentum=0.9), clip_value=0.02,
+        Scenario("clip-value", SGD_FUSED, clip_value=0.01),
+        Scenario("clip-norm", ADAMW_FUSED, clip_norm=0.05),
+        Scenario("clip-both-unused", SGD_FUSED, clip_value=0.02,
                  clip_norm=0.05, net={"branch": True}, branch_rule="mixed",
                  ddp={"find_unused_parameters": True}),
     ])

@@ -337,9 +337,18 @@ def _overlapped_round_trip(rank: int, world_size: int, directory: str) -> str:
         opt.step()
         sched.step()
         opt.zero_grad()
-    # Rank 1 stalls so that rank 0 is the only writer and rank 1 must wait at the barrier.
-    if rank == 1:
-        time.sleep(0.5)
+    # The writer (rank 0) is slow: rank 1 returns from save_checkpoint, and then sees the
+    # file, only if it waited for the write at the barrier.
+    if rank == 0:
+        import overlap_sgd.checkpoint as checkpoint_module
+
+        write = checkpoint_module._write_atomically
+
+        def slow_write(path: Path, obj: object) -> None:
+            time.sleep(1.0)
+            write(path, obj)
+
+        checkpoint_module._write_atomically = slow_write
     path = checkpoint_path(directory, 3)
     save_checkpoint(path, checkpoint_state(ddp, opt, sched, step=3))
     assert latest_checkpoint(directory) == path  # visible on every rank once save returns

@@ -13,26 +13,45 @@ import pytest
 import torch
 
 from tests.distributed import run_distributed
-from tests.parity import Scenario, check_moved, parity_body, parity_many
+from tests.parity import Rounding, Scenario, check_moved, parity_body, parity_many
 
-SGD = partial(torch.optim.SGD, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)
+# The optimizers name their kernel (fused=True), so that both sides run the very same one. The
+# overlapped update takes the same path as with torch's default (unset) choice, which it
+# resolves to the fused kernel too; the post-backward step would resolve it to the multi-tensor
+# one, which rounds differently (the "unpinned" rows below).
+SGD = partial(torch.optim.SGD, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01, fused=True)
 SGD_PLAIN = partial(torch.optim.SGD, lr=0.05)
 SGD_FUSED = partial(torch.optim.SGD, lr=0.05, momentum=0.9, dampening=0.1, fused=True)
-ADAM = partial(torch.optim.Adam, lr=0.01, amsgrad=True, weight_decay=0.01)
+SGD_FOREACH = partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=0.01, foreach=True)
+SGD_UNPINNED = partial(torch.optim.SGD, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)
+ADAM = partial(torch.optim.Adam, lr=0.01, amsgrad=True, weight_decay=0.01, fused=True)
 ADAM_SINGLE = partial(torch.optim.Adam, lr=0.01, foreach=False, maximize=True)
-ADAMW = partial(torch.optim.AdamW, lr=0.01, betas=(0.8, 0.99), weight_decay=0.1)
-ADAMW_FUSED = partial(torch.optim.AdamW, lr=0.01, fused=True)
+ADAMW = partial(torch.optim.AdamW, lr=0.01, betas=(0.8, 0.99), weight_decay=0.1, fused=True)
+ADAMW_FOREACH = partial(torch.optim.AdamW, lr=0.01, betas=(0.8, 0.99), weight_decay=0.1, foreach=True)
+ADAMW_UNPINNED = partial(torch.optim.AdamW, lr=0.01, betas=(0.8, 0.99), weight_decay=0.1)
+
+#: Where the two sides cannot agree bit for bit, and why.
+KERNELS = Rounding(1e-5, 1e-6, "the optimizer leaves the kernel to torch: the overlapped update "
+                   "runs the fused kernel, the post-backward step the multi-tensor one")
+THIRDS = Rounding(1e-5, 1e-6, "3 ranks: DDP divides each rank's gradient by 3 before the sum, "
+                  "the overlap divides the sum, and a/3 + b/3 + c/3 rounds unlike (a + b + c)/3")
 
 CASES = [
     Scenario("sgd-many-buckets", SGD),
-    Scenario("sgd-world3", SGD, world_size=3),
+    Scenario("sgd-world3", SGD, world_size=3, rounding=THIRDS),
     Scenario("sgd-plain", SGD_PLAIN),
     Scenario("sgd-fused", SGD_FUSED),
-    Scenario("adam-amsgrad-world3", ADAM, world_size=3),
+    Scenario("sgd-foreach", SGD_FOREACH),
+    Scenario("sgd-unpinned", SGD_UNPINNED, rounding=KERNELS),
+    Scenario("adam-amsgrad-world3", ADAM, world_size=3, rounding=THIRDS),
+    Scenario("adam-amsgrad", ADAM),
     Scenario("adam-single-tensor-maximize", ADAM_SINGLE),
     Scenario("adamw", ADAMW),
-    Scenario("adamw-fused", ADAMW_FUSED),
+    Scenario("adamw-foreach", ADAMW_FOREACH),
+    Scenario("adamw-unpinned", ADAMW_UNPINNED, rounding=KERNELS),
     Scenario("one-bucket", SGD, bucket_cap_mb=25),
+    # Layers used in reverse registration order: DDP regroups its buckets after iteration one,
+    # and the overlapped update must rebuild its plans for the new layout and keep parity.
     Scenario("bucket-rebuild", ADAMW, net={"reverse": True, "depth": 4}, bucket_cap_mb=0.004),
     Scenario("inline-executor", ADAMW, executor="inline"),
     Scenario("bucket-view", ADAM, ddp={"gradient_as_bucket_view": True}),
@@ -44,9 +63,10 @@ CASES = [
     Scenario("unused-adam-bucket-view", ADAM, net={"branch": True}, branch_rule="mixed", steps=8,
              ddp={"find_unused_parameters": True, "gradient_as_bucket_view": True}),
     Scenario("no-sync-accumulation", SGD, accumulate=3),
-    Scenario("no-sync-accumulation-world3", ADAMW, accumulate=2, world_size=3),
+    Scenario("no-sync-accumulation-world3", ADAMW, accumulate=2, world_size=3, rounding=THIRDS),
     Scenario("groups-scheduler", SGD, groups=True, scheduler=True),
     Scenario("groups-scheduler-adamw", ADAMW, groups=True, scheduler=True),
+    Scenario("groups-cosine-scheduler", ADAMW, groups=True, scheduler=True, schedule="cosine"),
     Scenario("partial-optimizer", SGD, partial_optimizer=True),
     Scenario("state-dict-swap", ADAM, swap_state_at=3),
     Scenario("fp16-compression", SGD, comm="fp16"),
@@ -89,15 +109,17 @@ def test_parity_with_post_backward(scenario: Scenario) -> None:
         # Views after backward only where the overlap hands them out in place of DDP's copy.
         views = [r["grad_views"] for r in results]
         assert all(views) if scenario.grad_views else not any(views), views
-    assert results[0]["plans_built"] >= results[0]["buckets"] > 0
-
-
-def test_plans_follow_a_bucket_rebuild() -> None:
-    # Layers used in reverse registration order: DDP regroups its buckets after iteration one,
-    # and the overlapped update must rebuild its plans for the new layout and keep parity.
-    (scenario,) = [c for c in CASES if c.name == "bucket-rebuild"]
-    for r in run_distributed(parity_body, 2, scenario):
-        assert r["plans_built"] > r["buckets"], "the bucket layout never changed"
+    # A bucket's plan is built when its layout is first seen and reused every later step: the
+    # first steps build them (DDP regroups its buckets once, after the first iteration, or the
+    # second with static_graph), then only loading a state dict, which forgets them all,
+    # builds them again.
+    built, buckets = results[0]["plans_built"], results[0]["buckets"]
+    settled = 2 if scenario.ddp.get("static_graph") else 1
+    assert 0 < built[0] <= built[settled] and buckets > 0
+    rebuilt = buckets if scenario.swap_state_at is not None else 0
+    assert built[-1] == built[settled] + rebuilt, (built, buckets)
+    if scenario.net.get("reverse"):
+        assert built[1] > built[0], "the bucket layout never changed"
 
 
 SLICED = [

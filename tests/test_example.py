@@ -7,46 +7,85 @@ import math
 import os
 import re
 import signal
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from .distributed import free_port
 from .models import assert_identical
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_ddp.py"
 SMALL = ["--width", "32", "--depth", "2", "--batch-size", "16", "--bucket-cap-mb", "0.002"]
 
 
-def torchrun(*args: str, cwd: Path, restarts: int = 0, timeout: float = 100, script: Path = EXAMPLE) -> str:
-    """Run ``script`` (default: the DDP example) on 2 ranks; return its combined output,
-    failing on a non-zero exit."""
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "--max-restarts", str(restarts), "--monitor-interval", "0.1", str(script), *args,
-    ]
+def _env() -> dict[str, str]:
     # Not inherited from an enclosing launcher: the example reads these to detect a restart.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "TORCH_ELASTIC_"))}
     env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.Popen(
-        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    return env
+
+
+def _launch(cmd: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
     )
+
+
+def _finish(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, str]]:
+    """Wait for every launcher; kill them all (and their workers) at the deadline and fail."""
+    deadline = time.monotonic() + timeout
+    outs: list[str] = []
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        for proc in procs:
+            out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            outs.append(out)
     except subprocess.TimeoutExpired:
-        # The workers run in sessions of their own: kill them by pid, then the launcher.
-        for pid in [*_descendants(proc.pid), proc.pid]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        out, _ = proc.communicate(timeout=30)
-        pytest.fail(f"torchrun did not finish within {timeout} s:\n{out[-6000:]}")
-    assert proc.returncode == 0, f"torchrun exited with {proc.returncode}:\n{out[-6000:]}"
+        for proc in procs:
+            # The workers run in sessions of their own: kill them by pid, then the launcher.
+            for pid in [*_descendants(proc.pid), proc.pid]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        logs = "\n".join(f"--- launcher {i} ---\n{p.communicate(timeout=30)[0][-4000:]}" for i, p in enumerate(procs))
+        pytest.fail(f"torchrun did not finish within {timeout} s:\n{logs}")
+    return [(proc.returncode, out) for proc, out in zip(procs, outs)]
+
+
+def _torchrun(*args: str, nproc: int = 2, restarts: int = 0) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+        "--max-restarts", str(restarts), "--monitor-interval", "0.1", *args,
+    ]
+
+
+def torchrun(*args: str, cwd: Path, nproc: int = 2, restarts: int = 0, timeout: float = 100,
+             script: Path = EXAMPLE) -> str:
+    """Run ``script`` (default: the DDP example) on ``nproc`` ranks of one node; return its
+    output, failing on a non-zero exit."""
+    cmd = _torchrun("--standalone", str(script), *args, nproc=nproc, restarts=restarts)
+    ((status, out),) = _finish([_launch(cmd, cwd)], timeout)
+    assert status == 0, f"torchrun exited with {status}:\n{out[-6000:]}"
     return out
+
+
+def torchrun_nodes(*args: str, cwd: Path, nnodes: int = 2, timeout: float = 100) -> list[tuple[int, str]]:
+    """Run the example as ``nnodes`` nodes of one rank each, one torchrun per node, on this machine
+    (c10d rendezvous on a loopback port); return each launcher's (exit status, output)."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    procs = [
+        _launch(_torchrun("--nnodes", str(nnodes), "--node-rank", str(i), "--rdzv-backend", "c10d",
+                          "--rdzv-endpoint", endpoint, "--rdzv-id", "test", str(EXAMPLE), *args,
+                          nproc=1), cwd)
+        for i in range(nnodes)
+    ]
+    return _finish(procs, timeout)
 
 
 def _descendants(pid: int) -> list[int]:
@@ -113,6 +152,8 @@ def test_overlap_and_post_backward_step_train_alike(overlap_run, tmp_path):
     overlap = torch.load(overlap_run[1], weights_only=True)
     post = torch.load(tmp_path / "post.pt", weights_only=True)
     assert overlap["step"] == post["step"] == 8
+    # Within rounding: the example leaves AdamW's kernel to torch, so the overlapped update runs
+    # the fused kernel and the post-backward step the multi-tensor one.
     assert overlap["model"].keys() == post["model"].keys()
     for name, value in overlap["model"].items():
         torch.testing.assert_close(value, post["model"][name], rtol=1e-5, atol=1e-6, msg=name)
@@ -141,3 +182,96 @@ def test_killed_rank_resumes_bit_identical(tmp_path):
     f2 = torch.load(tmp_path / "F2", weights_only=True)
     assert f1["step"] == 30
     assert_identical(f1, f2)
+
+
+# -- several nodes, other world sizes, and ranks that die or stall ------------------------------
+
+
+@pytest.mark.timeout(220)  # may include the shared overlapped run
+def test_two_nodes_of_one_rank_train_bit_identical_to_one_node_of_two(overlap_run, tmp_path):
+    launches = torchrun_nodes(*COMMON, "--mode", "overlap", "--save-final", "nodes.pt", cwd=tmp_path)
+    for status, out in launches:
+        assert status == 0, out[-6000:]
+    (out,) = [out for _, out in launches if "summary:" in out]  # the node that got rank 0
+    assert "| 2 ranks on cpu |" in out, out[-4000:]
+    one_node = torch.load(overlap_run[1], weights_only=True)
+    two_nodes = torch.load(tmp_path / "nodes.pt", weights_only=True)
+    assert two_nodes["step"] == 8
+    assert_identical(two_nodes, one_node)
+
+
+def _resume(nproc: int, mode: str, checkpoint: Path, cwd: Path) -> tuple[str, dict]:
+    """Resume ``checkpoint`` (the only one in a fresh directory) on ``nproc`` ranks to step 10."""
+    directory = cwd / f"{mode}-{nproc}"
+    directory.mkdir()
+    shutil.copy(checkpoint, directory / checkpoint.name)
+    final = cwd / f"{mode}-{nproc}.pt"
+    out = torchrun(*RESUME, "--mode", mode, "--checkpoint-dir", str(directory), "--save-final",
+                   str(final), nproc=nproc, cwd=cwd)
+    return out, torch.load(final, weights_only=True)
+
+
+RESUME = ["--steps", "10", "--log-every", "5", "--optimizer", "adamw", *SMALL]
+
+
+@pytest.mark.timeout(300)
+def test_a_checkpoint_of_two_ranks_resumes_on_three_and_on_one(tmp_path):
+    # Every rank holds the whole (replicated) optimizer state, so a checkpoint written by two
+    # ranks loads as it is on any number of ranks: nothing to re-shard. Each world size then
+    # trains on as post-backward training does from the same checkpoint.
+    torchrun(*RESUME, "--checkpoint-every", "5", "--checkpoint-dir", "two", cwd=tmp_path)
+    checkpoint = tmp_path / "two" / "ckpt-00000005.pt"
+    saved = torch.load(checkpoint, weights_only=True)
+    for nproc in (3, 1):
+        out, final = _resume(nproc, "overlap", checkpoint, tmp_path)
+        assert "resumed from step 5" in out and f"| {nproc} ranks on cpu |" in out, out[-4000:]
+        assert final["step"] == 10
+        _, post = _resume(nproc, "post", checkpoint, tmp_path)
+        for name, value in final["model"].items():
+            assert torch.isfinite(value).all(), name
+            assert not torch.equal(value, saved["model"][name]), f"{name} did not train after resuming"
+            # Within rounding: unpinned AdamW runs torch's fused kernel in the overlapped update
+            # and its multi-tensor kernel after backward; with 3 ranks DDP also averages before
+            # summing and the overlap after, which rounds differently when dividing by 3.
+            torch.testing.assert_close(value, post["model"][name], rtol=1e-5, atol=1e-6, msg=name)
+        assert final["optimizer"]["param_groups"] == post["optimizer"]["param_groups"]
+
+
+FAULT = ["--steps", "8", "--log-every", "4", "--pg-timeout", "4", *SMALL]
+PEER_GONE = re.compile(r"Connection (reset|closed) by peer")
+
+
+def _errors(out: str) -> str:
+    """The lines of a launcher's output that say what failed, for assertion messages."""
+    return "\n".join(line[-300:] for line in out.splitlines() if re.search(r"Error|Timed out|exitcode|SIG", line))
+
+
+@pytest.mark.timeout(150)
+def test_a_rank_that_dies_fails_the_other_node_with_a_clear_error(tmp_path):
+    launches = torchrun_nodes(*FAULT, "--crash-at-step", "2", cwd=tmp_path)
+    (killed,) = [out for _, out in launches if "rank 1: crashing (SIGKILL) before step 2" in out]
+    (survivor,) = [out for _, out in launches if out is not killed]
+    assert all(status != 0 for status, _ in launches), launches
+    # The survivor's backward() raises the communication error at once. (Its launcher may
+    # then report the rank's exit status 1, or, when the dead rank's launcher held the
+    # rendezvous and has gone, the lost rendezvous: either way the job fails.)
+    assert re.search(r"RuntimeError: .*" + PEER_GONE.pattern, survivor), _errors(survivor)
+    assert "SIGABRT" not in survivor + killed, _errors(survivor + killed)
+
+
+@pytest.mark.timeout(150)
+def test_a_rank_that_stalls_fails_the_other_node_at_the_process_group_timeout(tmp_path):
+    launches = torchrun_nodes(*FAULT, "--stall-at-step", "2", cwd=tmp_path)
+    (stalled,) = [out for _, out in launches if "rank 1: stalling before step 2" in out]
+    (survivor,) = [out for _, out in launches if out is not stalled]
+    assert all(status != 0 for status, _ in launches), launches
+    # The collective the survivor waits in fails at --pg-timeout (4 s), and the rank exits with
+    # 1. Gloo names the timeout in the collective that times out first; others still in flight
+    # then fail with the pair it closed, and backward() raises whichever DDP waits for first. The stalled node ends too: its rank, once it resumes, finds its peer gone,
+    # unless its launcher has already stopped it, having lost the rendezvous that the
+    # survivor's launcher held. Nothing aborts, nothing hangs.
+    assert re.search(r"RuntimeError: .*(Timed out waiting 4000ms|Application timeout caused pair closure)",
+                     survivor), _errors(survivor)
+    assert re.search(r"exitcode\s*: 1 ", survivor) and "SIGABRT" not in survivor, _errors(survivor)
+    assert PEER_GONE.search(stalled) or "RendezvousConnectionError" in stalled, _errors(stalled)
+    assert "SIGABRT" not in stalled, _errors(stalled)

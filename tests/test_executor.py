@@ -28,6 +28,13 @@ def _completing_thread(fut: Future, value: torch.Tensor) -> None:
     t.join()
 
 
+def _drain(ex: ThreadExecutor) -> None:
+    """Return once the worker has run everything queued so far (it runs its queue in order)."""
+    done = threading.Event()
+    ex._queue.put(done.set)
+    assert done.wait(timeout=30), "the update worker did not get through its queue"
+
+
 def test_updates_wait_for_release_and_the_last_runs_where_its_communication_landed():
     ex = ThreadExecutor(name="update-worker")
     log: list = []
@@ -36,6 +43,7 @@ def test_updates_wait_for_release_and_the_last_runs_where_its_communication_land
         comms = [Future() for _ in range(3)]
         outs = [ex.after(c, None, _recorder(log, f"b{i}")) for i, c in enumerate(comms)]
         _completing_thread(comms[0], torch.zeros(2))
+        _drain(ex)  # an update that was not held back would have run by now
         assert log == [], "an update ran while backward was still producing buckets"
         ex.release()  # the last bucket was handed to communication
         _completing_thread(comms[1], torch.zeros(2))
