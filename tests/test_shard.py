@@ -16,14 +16,29 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import overlap_sgd
 from tests.distributed import run_distributed
 from tests.models import Net, batch, twin
-from tests.parity import Scenario, check_moved, parity_many
+from tests.parity import Rounding, Scenario, check_moved, parity_many
 
-SGD = partial(torch.optim.SGD, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)
+# Kernels named, as in the unsharded parity table, so that both sides run the very same one. The
+# multi-tensor kernels mostly: on CPU the fused ones round a parameter's elements differently
+# depending on where a range starts (FUSED_PIECES).
+SGD = partial(torch.optim.SGD, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01, foreach=True)
+SGD_FUSED_NESTEROV = partial(torch.optim.SGD, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01, fused=True)
 SGD_FUSED = partial(torch.optim.SGD, lr=0.05, momentum=0.9, dampening=0.1, fused=True)
-ADAM = partial(torch.optim.Adam, lr=0.01, amsgrad=True, weight_decay=0.01)
+SGD_FOREACH = partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=0.01, foreach=True)
+ADAM = partial(torch.optim.Adam, lr=0.01, amsgrad=True, weight_decay=0.01, foreach=True)
 ADAM_SINGLE = partial(torch.optim.Adam, lr=0.01, foreach=False, maximize=True)
-ADAMW = partial(torch.optim.AdamW, lr=0.01, betas=(0.8, 0.99), weight_decay=0.1)
+ADAMW = partial(torch.optim.AdamW, lr=0.01, betas=(0.8, 0.99), weight_decay=0.1, foreach=True)
 ADAMW_FUSED = partial(torch.optim.AdamW, lr=0.01, fused=True)
+ADAMW_UNPINNED = partial(torch.optim.AdamW, lr=0.01, betas=(0.8, 0.99), weight_decay=0.1)
+
+#: Where the sharded side cannot agree with post-backward training bit for bit, and why.
+FUSED_PIECES = Rounding(1e-6, 1e-8, "torch's CPU fused kernels run a vectorised body and a scalar "
+                        "tail that round differently; cutting a parameter into ranges moves some "
+                        "elements from one to the other")
+KERNELS = Rounding(1e-5, 1e-6, "the optimizer leaves the kernel to torch: the overlapped update runs "
+                   "the fused kernel, the post-backward step the multi-tensor one")
+THIRDS = Rounding(1e-5, 1e-6, "3 ranks: DDP divides each rank's gradient by 3 before the sum, the "
+                  "sharded update divides the sum, and a/3 + b/3 + c/3 rounds unlike (a + b + c)/3")
 RMSPROP = partial(torch.optim.RMSprop, lr=0.01, momentum=0.5)
 ADAGRAD = partial(torch.optim.Adagrad, lr=0.05, initial_accumulator_value=0.1)
 NADAM = partial(torch.optim.NAdam, lr=0.01)
@@ -44,9 +59,12 @@ def S(name: str, make=None, **kw) -> Scenario:
 
 TWO_RANKS = [
     S("sgd", SGD),
-    S("sgd-fused", SGD_FUSED),
+    S("sgd-fused", SGD_FUSED, rounding=FUSED_PIECES),
+    S("sgd-fused-nesterov-decay", SGD_FUSED_NESTEROV, rounding=FUSED_PIECES),
+    S("sgd-foreach", SGD_FOREACH),
     S("adamw", ADAMW),
-    S("adamw-fused", ADAMW_FUSED),
+    S("adamw-fused", ADAMW_FUSED, rounding=FUSED_PIECES),
+    S("adamw-unpinned", ADAMW_UNPINNED, rounding=KERNELS),
     S("adam-single-tensor-maximize", ADAM_SINGLE),
     S("rmsprop-generic", RMSPROP),
     S("adagrad-initial-state", ADAGRAD),
@@ -75,17 +93,15 @@ TWO_RANKS = [
     S("clip-norm-by-parameters", ADAMW, clip_norm=0.1),
     # Whole-tensor optimizers are sharded by whole parameters.
     S("adafactor-by-parameters", ADAFACTOR),
-    S("muon-and-adamw", multi=muon_and_adamw, atol=1e-5, rtol=1e-4),
+    S("muon-and-adamw", multi=muon_and_adamw, rounding=KERNELS),
 ]
 
 THREE_RANKS = [
-    # A reduce-scatter over three ranks may add in another order than the reference's
-    # all-reduce: equal within rounding.
-    S("sgd-world3", SGD, world_size=3),
-    S("adam-amsgrad-world3", ADAM, world_size=3),
-    S("no-sync-accumulation-world3", ADAMW, accumulate=2, world_size=3),
+    S("sgd-world3", SGD, world_size=3, rounding=THIRDS),
+    S("adam-amsgrad-world3", ADAM, world_size=3, rounding=THIRDS),
+    S("no-sync-accumulation-world3", ADAMW, accumulate=2, world_size=3, rounding=THIRDS),
     S("unused-world3", ADAMW, net={"branch": True}, branch_rule="mixed", steps=8,
-      ddp={"find_unused_parameters": True}, world_size=3),
+      ddp={"find_unused_parameters": True}, world_size=3, rounding=THIRDS),
 ]
 
 
@@ -160,9 +176,9 @@ def _sharded_against_unsharded(rank: int, world_size: int, names: list[str]) -> 
     return out
 
 
-#: torch's CPU fused Adam runs a vectorised body and a scalar tail that round differently; the
+#: torch's CPU fused kernels run a vectorised body and a scalar tail that round differently; the
 #: sharded update cuts parameters into ranges, which moves some elements from one to the other.
-ROUNDING_ONLY = {"adam-fused"}
+ROUNDING_ONLY = {"adam-fused", "sgd-fused"}
 
 
 def test_two_ranks_train_bit_identical_to_the_unsharded_overlap() -> None:
