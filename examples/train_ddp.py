@@ -22,6 +22,12 @@ the command on each node with its --node-rank and the first node's address):
 A checkpoint resumes on any number of ranks (every rank holds the whole optimizer state):
 rerun with another --nproc-per-node and the same --checkpoint-dir.
 
+Each rank keeping the optimizer state of only its share of the model (ZeRO-1), updated inside
+backward all the same; checkpoints then hold each rank's share, written in parallel, and resume
+on any number of ranks too:
+
+    torchrun --standalone --nproc-per-node 2 examples/train_ddp.py --shard --checkpoint-dir runs/shard
+
 Runs on CPU with gloo, or on CUDA with NCCL when a GPU is present (--device).
 """
 
@@ -59,6 +65,7 @@ parser.add_argument("--width", type=int, default=256, help="hidden width of the 
 parser.add_argument("--depth", type=int, default=4, help="hidden layers of the MLP")
 parser.add_argument("--bucket-cap-mb", type=float, default=0.25, help="DDP bucket size; small buckets give the overlap something to hide behind")
 parser.add_argument("--executor", choices=["auto", "thread", "inline"], default="auto", help="where overlapped updates run (auto: a worker thread on CPU, a side stream on CUDA)")
+parser.add_argument("--shard", action="store_true", help="with --mode overlap: each rank keeps the optimizer state of only its share of every bucket (ZeRO-1); checkpoints then hold each rank's share")
 parser.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the data")
 parser.add_argument("--log-every", type=int, default=10, help="print loss and step time every this many steps")
 parser.add_argument("--warmup", type=int, default=5, help="steps left out of the mean step time in the summary")
@@ -69,6 +76,8 @@ parser.add_argument("--pg-timeout", type=float, default=None, help="seconds a co
 parser.add_argument("--crash-at-step", type=int, default=None, help="fault injection: rank 1 SIGKILLs itself just before this step, on the first attempt only")
 parser.add_argument("--stall-at-step", type=int, default=None, help="fault injection: rank 1 stops responding for 3 x --pg-timeout (60 s without) just before this step, on the first attempt only")
 args = parser.parse_args()
+if args.shard and args.mode != "overlap":
+    parser.error("--shard shards the overlapped optimizer: use it with --mode overlap")
 if args.pg_timeout is not None and not args.pg_timeout > 0:
     parser.error(f"--pg-timeout must be a positive number of seconds, got {args.pg_timeout}")
 
@@ -128,7 +137,7 @@ if args.optimizer == "sgd":
 else:
     optimizer = torch.optim.AdamW(groups, lr=args.lr or 3e-3)
 if args.mode == "overlap":
-    optimizer = overlap_sgd.overlap(model, optimizer, executor=args.executor)
+    optimizer = overlap_sgd.overlap(model, optimizer, executor=args.executor, shard=args.shard)
 if args.schedule == "cosine":
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.steps, eta_min=0.1 * optimizer.param_groups[0]["lr"])
 else:

@@ -121,8 +121,14 @@ class ElementLayout:
             if mine:
                 keys = [plan.params[pc.pos] for pc in mine]
                 views = [flat(k)[pc.lo : pc.hi] for k, pc in zip(keys, mine)]
+                # A group that leaves the kernel to torch gets the fused one on the device only:
+                # torch's CPU fused kernels round an element differently in their vectorised
+                # body and their scalar tail, so the result would depend on where a range
+                # starts, which changes when DDP regroups its buckets or the world size changes
+                # (a resumed run would then not match one that never stopped).
+                cache = {"fast": plan.device.type != "cpu"}
                 self.segments.append(
-                    ShardSegment(seg.optimizer, seg.optimizer_index, seg.group_index, mine, keys, views)
+                    ShardSegment(seg.optimizer, seg.optimizer_index, seg.group_index, mine, keys, views, cache)
                 )
         #: Positions of the parameters wholly inside this rank's range.
         self.whole = [pc.pos for pc in self.pieces if pc.lo == 0 and pc.hi == sizes[pc.pos]]
