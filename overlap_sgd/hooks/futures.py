@@ -36,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -44,7 +45,7 @@ import torch
 from torch import Tensor
 from torch.futures import Future
 
-__all__ = ["Completion", "gather", "landed", "tensor_of", "when_all"]
+__all__ = ["Completion", "gather", "labelled", "landed", "tensor_of", "when_all"]
 
 
 def tensor_of(value: Any) -> Tensor:
@@ -57,6 +58,14 @@ def tensor_of(value: Any) -> Tensor:
         "a DDP communication hook must return a Future of a Tensor (or of a one-element list of "
         f"Tensors), got a Future of {type(value).__name__}"
     )
+
+
+def labelled(name: str) -> Any:
+    """``torch.profiler.record_function(name)`` while a profiler runs, else a no-op context
+    (entering and leaving a record_function costs tens of microseconds, per bucket and step)."""
+    if torch.autograd.profiler._is_profiler_enabled:
+        return torch.profiler.record_function(name)
+    return contextlib.nullcontext()
 
 
 def landed(comm: Future, used: Future | None) -> tuple[Tensor, Tensor | None]:

@@ -47,7 +47,7 @@ from ..functional import FunctionalOptimizer
 from .bucket import BucketPlan, Part
 from .collectives import Sequencer, Waiter, all_gather, all_reduce, broadcast, reduce_scatter
 from .executor import Executor
-from .futures import Completion, gather, when_all
+from .futures import Completion, gather, labelled, when_all
 from .layout import ElementLayout, ParamLayout, flat
 from .shard_state import ElementHome, Home, OwnerHome, StateShards
 from .state import HookState
@@ -250,7 +250,7 @@ def _by_elements(
     def update(result: Tensor, reduced: Optional[Tensor]) -> None:
         used_flags = None
         try:
-            with torch.profiler.record_function(f"bucket{plan.index}/update"):
+            with labelled(f"bucket{plan.index}/update"):
                 if tail and last:
                     shard[chunk:].copy_(buffer[main:])
                 used_flags = plan.unused_flags(local, reduced)
@@ -403,7 +403,7 @@ def _by_params(
     def update(result: Tensor, reduced: Optional[Tensor]) -> None:
         used_flags = None
         try:
-            with torch.profiler.record_function(f"bucket{plan.index}/update"):
+            with labelled(f"bucket{plan.index}/update"):
                 used_flags = plan.unused_flags(local, reduced)
                 found = None
                 if state.finite is not None:

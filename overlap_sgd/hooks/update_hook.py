@@ -29,7 +29,7 @@ from ..functional import FunctionalOptimizer
 from .bucket import BucketPlan, Part
 from .executor import Executor
 from .finite import NonFiniteGradientError
-from .futures import gather
+from .futures import gather, labelled
 from .state import HookState
 from .used import UsedLaunch
 
@@ -136,7 +136,7 @@ def overlap_hook(state: OverlapHookState, bucket: dist.GradBucket) -> torch.futu
         # Sum now, average in the update: the fused kernels divide while they read the
         # gradients anyway, saving the separate pass over the bucket an averaging hook makes
         # on the autograd thread before its all-reduce can start.
-        comm = _labelled(
+        comm = _launch_labelled(
             f"bucket{plan.index}/comm",
             lambda: dist.all_reduce(bucket.buffer(), group=state.process_group, async_op=True).get_future(),
         )
@@ -153,7 +153,7 @@ def overlap_hook(state: OverlapHookState, bucket: dist.GradBucket) -> torch.futu
     return future
 
 
-def _labelled(name: str, launch: Callable[[], torch.futures.Future]) -> torch.futures.Future:
+def _launch_labelled(name: str, launch: Callable[[], torch.futures.Future]) -> torch.futures.Future:
     """``launch()``, shown in a running profiler as range ``name`` from launch to completion."""
     if not torch.autograd.profiler._is_profiler_enabled:
         return launch()
@@ -184,7 +184,7 @@ def _updater(
     def update(result: Tensor, flags: Optional[Tensor]) -> None:
         scale = grad_scale
         used = plan.unused_flags(local, flags)
-        with torch.profiler.record_function(label):
+        with labelled(label):
             try:
                 found = None
                 if finite is not None:
@@ -231,7 +231,7 @@ def _sliced(
     futures = []
     for part in plan.parts(slice_numel):
         piece = buffer[part.start : part.stop]
-        comm = _labelled(
+        comm = _launch_labelled(
             f"bucket{plan.index}/comm@{part.start}",
             lambda piece=piece: dist.all_reduce(piece, group=group, async_op=True).get_future(),
         )
