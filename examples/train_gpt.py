@@ -65,7 +65,7 @@ parser.add_argument("--warmup-steps", type=int, default=20, help="linear learnin
 parser.add_argument("--min-lr-ratio", type=float, default=0.1, help="final learning rate as a fraction of the peak")
 parser.add_argument("--steps", type=int, default=250, help="total optimizer steps of the run (a resumed run continues up to it)")
 parser.add_argument("--bf16", action="store_true", help="bf16 autocast for forward and backward (parameters and optimizer stay fp32)")
-parser.add_argument("--bucket-cap-mb", type=float, default=1.0, help="DDP bucket size; several buckets give the overlap something to hide behind")
+parser.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP bucket size (DDP's default; this model fits in one bucket; smaller buckets give the overlap something to hide behind, at a fixed cost per bucket)")
 parser.add_argument("--executor", choices=["auto", "thread", "inline"], default="auto", help="where overlapped updates run (auto: a worker thread on CPU, a side stream on CUDA)")
 parser.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the batches")
 parser.add_argument("--eval-every", type=int, default=50, help="validation loss every this many steps (and at the end)")
