@@ -48,7 +48,8 @@ def test_dry_run_prints_each_part_and_runs_nothing(tmp_path):
     assert list(cmds) == ["env", "tests", "bench-gpt", "bench-mlp", "report"]
     assert not out.exists(), "a dry run creates nothing"
     assert cmds["env"][1:] == ["-m", "benchmarks.gpu_report", "probe", "--device", "cuda"]
-    assert cmds["tests"][1:5] == ["-m", "pytest", "tests/test_cuda.py", "-v"]
+    assert cmds["tests"][1:4] == ["-m", "pytest", "tests/test_cuda.py"]
+    assert "tests/test_dcp.py::test_cuda_state_saves_and_loads_on_nccl" in cmds["tests"]
     assert not any("addopts" in a or "soak" in a for a in cmds["tests"])
     assert ("not found" in proc.stdout) == (not (ROOT / "tests" / "test_cuda.py").exists())
     assert cmds["report"][1:] == ["-m", "benchmarks.gpu_report", "summary", str(out)]

@@ -90,7 +90,13 @@ common=(--device "$device" --nproc 1 --optim sgd,adamw --autocast bf16 --overlap
         --trace-dir "$out/traces")
 
 env_cmd=("$python" -m benchmarks.gpu_report probe --device "$device")
-tests_cmd=("$python" -m pytest "$tests" -v -rA -p no:cacheprovider --junitxml "$out/cuda_tests.xml")
+# The CUDA cases of the distributed-checkpoint tests run too (when the file is there).
+more_tests=()
+if [ -z "${GPU_CHECK_TESTS:-}" ] && [ -f "$root/tests/test_dcp.py" ]; then
+    more_tests=(tests/test_dcp.py::test_cuda_state_saves_and_loads_on_nccl
+                tests/test_dcp.py::test_cuda_state_of_two_gloo_ranks_loads_on_one_nccl_rank)
+fi
+tests_cmd=("$python" -m pytest "$tests" "${more_tests[@]}" -v -rA -p no:cacheprovider --junitxml "$out/cuda_tests.xml")
 gpt_cmd=("$python" -m benchmarks.overlap_bench --model gpt "${gpt_size[@]}" "${common[@]}"
          --out "$out/bench-gpt")
 mlp_cmd=("$python" -m benchmarks.overlap_bench --model mlp "${mlp_size[@]}" "${common[@]}"
