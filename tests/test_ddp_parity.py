@@ -12,6 +12,8 @@ from functools import partial
 import pytest
 import torch
 
+import overlap_sgd
+
 from tests.distributed import run_distributed
 from tests.parity import Rounding, Scenario, check_moved, parity_body, parity_many
 
@@ -145,3 +147,56 @@ def test_sliced_communication_keeps_parity() -> None:
         for r in per_rank:
             check_moved(r)
             assert r["sliced"], f"[{r['name']}] no bucket was communicated in slices"
+
+
+class _NoGradFor(torch.autograd.Function):
+    """Adds ``w.sum()`` forward, and gives ``w`` no gradient backward (an undefined one)."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        return x + w.sum()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class _GivesNoGradient(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.w = torch.nn.Parameter(torch.ones(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _NoGradFor.apply(self.lin(x), self.w)
+
+
+def _undefined_gradient(rank: int, world_size: int, shard: bool) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from tests.models import twin
+
+    torch.manual_seed(0)
+    net = _GivesNoGradient()
+    ref, ovl = DDP(twin(net), find_unused_parameters=True), DDP(net, find_unused_parameters=True)
+    make = partial(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=0.1, foreach=True)
+    ref_opt, opt = make(ref.parameters()), overlap_sgd.overlap(ovl, make(ovl.parameters()), shard=shard)
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(3):
+        x = torch.randn(2, 4, generator=g)
+        for model, o in ((ref, ref_opt), (ovl, opt)):
+            model(x).sum().backward()
+            o.step()
+            o.zero_grad()
+    return {
+        "w_untouched": torch.equal(ovl.module.w, ref.module.w) and bool((ovl.module.w == 1).all()),
+        "lin_equal": all(torch.equal(a, b) for a, b in zip(ovl.module.lin.parameters(), ref.module.lin.parameters())),
+    }
+
+
+@pytest.mark.parametrize("shard", [False, True], ids=["all-reduce", "sharded"])
+def test_a_parameter_given_an_undefined_gradient_is_not_stepped(shard: bool) -> None:
+    # DDP zero-fills such a parameter's bucket slot and counts it as unused (no rank used it), so
+    # a post-backward step skips it: no momentum, no weight decay. So must the overlap.
+    for r in run_distributed(_undefined_gradient, 2, shard, timeout=60):
+        assert r == {"w_untouched": True, "lin_equal": True}, r

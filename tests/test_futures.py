@@ -120,3 +120,26 @@ def test_an_inline_executor_is_placed_on_the_parameters_device() -> None:
     assert torch.equal(out.wait(), torch.full((2,), 2.0))
     with pytest.raises(ValueError, match="made for cpu, not cuda:0"):
         ex.place(torch.device("cuda", 0))
+
+
+def test_when_all_of_no_futures_calls_at_once() -> None:
+    called = []
+    when_all([], lambda: called.append(True))
+    assert called == [True]
+
+
+def test_the_sequencer_launches_in_order_and_past_a_launch_that_raises() -> None:
+    from overlap_sgd.hooks.collectives import Sequencer
+
+    seq, log = Sequencer(), []
+    seq.reset()
+
+    def broken() -> None:
+        log.append(1)
+        raise RuntimeError("launch failed")
+
+    seq.submit(2, lambda: log.append(2))
+    seq.submit(1, broken)
+    assert log == []  # 0 has not been submitted: nothing may go before it
+    seq.submit(0, lambda: log.append(0))
+    assert log == [0, 1, 2]

@@ -91,6 +91,7 @@ TWO_RANKS = [
     S("clip-value", SGD, clip_value=0.05),
     # Per-parameter norms need whole gradients: every bucket is sharded by whole parameters.
     S("clip-norm-by-parameters", ADAMW, clip_norm=0.1),
+    S("clip-norm-by-parameters-grad-copies", ADAMW, clip_norm=0.1, grad_views=False),
     # Whole-tensor optimizers are sharded by whole parameters.
     S("adafactor-by-parameters", ADAFACTOR),
     S("muon-and-adamw", multi=muon_and_adamw, rounding=KERNELS),
@@ -291,3 +292,32 @@ def test_gradients_left_unzeroed_across_steps_are_reported() -> None:
     results = run_distributed(_never_zeroed, 2, timeout=60)
     assert any(len(r) == 1 for r in results), results
     assert all(len(r) <= 1 for r in results)
+
+
+class HalfModel(torch.nn.Module):
+    """A float16 parameter whose gradients are large: their sum over two ranks overflows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(8, dtype=torch.half))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.w.float() * x).sum()
+
+
+def _half_gradients(rank: int, world_size: int, shard: bool | None) -> list[float]:
+    torch.manual_seed(0)
+    model = DDP(HalfModel())
+    opt = torch.optim.SGD(model.parameters(), lr=1e-5)
+    if shard is not None:
+        opt = overlap_sgd.overlap(model, opt, shard=shard)
+    model(torch.full((8,), 40000.0)).backward()
+    opt.step()
+    return model.module.w.detach().float().tolist()
+
+
+def test_float16_buckets_are_averaged_before_they_are_summed() -> None:
+    # 40000 + 40000 does not fit float16: DDP divides each rank's gradient first, and so must
+    # the sharded update (summing first gives inf).
+    (reference, _), (sharded, _) = (run_distributed(_half_gradients, 2, s, timeout=60) for s in (None, True))
+    assert all(abs(v) < 1 for v in sharded) and sharded == reference, (sharded, reference)

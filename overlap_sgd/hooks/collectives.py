@@ -175,10 +175,14 @@ class Sequencer:
             self._waiting[index] = launch
             if index != self._next:
                 return
-            # Launch in order under the lock: two threads must not issue collectives at once.
+            # Launch in order under the lock: two threads must not issue collectives at once. A
+            # launch handles its own errors; one that raises still lets its successors go.
             while self._next in self._waiting:
-                self._waiting.pop(self._next)()
-                self._next += 1
+                launch, self._next = self._waiting.pop(self._next), self._next + 1
+                try:
+                    launch()
+                except Exception:  # noqa: BLE001 - the launch has failed its own future
+                    pass
 
 
 def _after_event(launch: Callable[[], None], event: torch.cuda.Event, device: torch.device) -> Callable[[], None]:

@@ -25,8 +25,10 @@ The ordering contract, the same for every executor and every comm hook:
     future (and, with unused-parameter tracking, the used-flags future) complete, and, on
     CUDA, on a stream that first waited for the events those futures carry
     (:func:`~overlap_sgd.hooks.futures.landed`: ``Future.wait()``, which orders the stream
-    without blocking the host) and for the work the comm hook enqueued on the autograd stream
-    before returning. A comm hook whose future carries no CUDA events must therefore produce
+    without blocking the host), for the work the comm hook enqueued on the autograd stream
+    before returning, and for the stream current on the thread that completed the future
+    (gloo's futures carry no CUDA events: gloo copies a CUDA result back on a stream of its own
+    and makes the completing thread's current stream wait for that copy). A comm hook whose future carries no CUDA events must therefore produce
     its result on the stream that was current when it was called, as DDP requires anyway.
 (b) **What the returned future and the end of backward cover.** The future handed back to
     DDP completes only after the update has run (CPU) or has been enqueued (CUDA); on CUDA it
@@ -115,14 +117,21 @@ def _run(
     """Run ``update`` on ``stream`` (default: the current stream of ``device``), then complete
     ``done`` on that stream, so that on CUDA ``done``'s events follow the update. Never raises."""
     try:
+        # The stream current where the communication completed: for a future without CUDA
+        # events (gloo on CUDA tensors, which copies its result back and then makes the
+        # completing thread's stream wait for the copy) this is what orders the result.
+        joined = torch.cuda.current_stream(device).record_event() if stream is not None else None
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             if launched is not None:
                 torch.cuda.current_stream(device).wait_event(launched)
+            if joined is not None:
+                torch.cuda.current_stream(device).wait_event(joined)
             result, flags = landed(comm, used)
             if stream is not None:
                 # The update reads the result on this stream: its memory must not be reused
                 # before the update has run, whichever stream allocated it.
-                result.record_stream(stream)
+                for t in (result._indices(), result._values()) if result.is_sparse else (result,):
+                    t.record_stream(stream)
             with torch.no_grad():
                 update(result, flags)
             done.set_result(result)
@@ -136,7 +145,8 @@ def _futures(comm: Future, used: Future | None) -> list[Future]:
 
 class InlineExecutor(Executor):
     """Update inside the completion callback, on whichever thread completed the communication,
-    on the stream current there (after waiting for the communication, see the module docs).
+    on the stream current there (for a future with CUDA events, a stream torch takes from its
+    pool for the callback), after waiting for the communication (see the module docs).
 
     Args:
         device: the parameters' device; ``None`` takes it from :meth:`place`.

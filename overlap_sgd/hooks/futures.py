@@ -72,10 +72,10 @@ def landed(comm: Future, used: Future | None) -> tuple[Tensor, Tensor | None]:
     """The communicated bucket (and used flags) of completed futures, for the current stream.
 
     Call it on the stream the update will run on: ``wait()`` returns at once for a completed
-    future and, where the future carries CUDA events (NCCL, gloo on CUDA tensors, a hook's
-    future created with ``devices``), makes the current stream wait for them, so that the
-    update cannot read the bucket before the collective wrote it. It re-raises a failed
-    communication's error.
+    future and, where the future carries CUDA events (NCCL, a hook's future created with
+    ``devices``), makes the current stream wait for them, so that the update cannot read the
+    bucket before the collective wrote it. (Gloo's futures carry none: see the executors.) It
+    re-raises a failed communication's error.
     """
     result = tensor_of(comm.wait())
     flags = None if used is None else tensor_of(used.wait())
@@ -88,6 +88,9 @@ def when_all(futures: Sequence[Future], fn: Callable[[], None]) -> None:
 
     ``fn`` must not raise: a callback's exception is only logged by torch.
     """
+    if not futures:
+        fn()
+        return
     if len(futures) == 1:
         futures[0].add_done_callback(lambda _: fn())
         return
@@ -124,6 +127,7 @@ class Completion:
         devices = [device] if device.type == "cuda" else None
         self._inner: Future = Future(devices=devices)
         self._error: BaseException | None = None
+        self._lock = threading.Lock()
         self.future: Future = self._inner.then(self._unwrap)
 
     def _unwrap(self, inner: Future) -> Any:
@@ -133,14 +137,17 @@ class Completion:
 
     def set_result(self, value: Tensor) -> None:
         """Complete with ``value``; on CUDA, on the stream that produced it."""
-        self._inner.set_result(value)
+        with self._lock:
+            self._inner.set_result(value)
 
     def set_error(self, exc: BaseException) -> None:
-        """Complete with ``exc``, raised to whoever waits on :attr:`future`."""
-        if self._inner.done():
-            return  # completed already: the error came after the value was handed out
-        self._error = exc
-        self._inner.set_result(None)
+        """Complete with ``exc``, raised to whoever waits on :attr:`future` (unless it has
+        completed already: the error came after the value was handed out)."""
+        with self._lock:
+            if self._inner.done():
+                return
+            self._error = exc
+            self._inner.set_result(None)
 
 
 def gather(futures: Sequence[Future], value: Tensor, done: Completion | None = None) -> Future:

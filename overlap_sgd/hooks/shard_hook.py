@@ -6,9 +6,13 @@ back to every rank, while later buckets are still communicating:
 
 - element-wise optimizers (:class:`~overlap_sgd.hooks.layout.ElementLayout`): the bucket's
   gradients are reduce-scattered (summed), each rank updates its element range with one fused
-  or multi-tensor kernel per param group (the averaging folded in), and the updated ranges are
-  all-gathered into the bucket buffer and copied into the parameters. Reduce-scatter and
-  all-gather move the bytes of one all-reduce; each rank's update work and state drop to 1/N.
+  or multi-tensor kernel per param group (the averaging folded in; float16 buckets are averaged
+  before the sum, as DDP does, whose range a sum could overflow), and the updated ranges are
+  all-gathered into the bucket buffer and copied into the parameters (on CUDA on a stream of
+  their own, so that a copy waiting for its all-gather does not hold up later updates).
+  Reduce-scatter and all-gather move the bytes of one all-reduce (on gloo over CPU, which has no
+  reduce-scatter of its own, an all-reduce stands in: half as many bytes again); each rank's
+  update work and state drop to 1/N.
 - whole-tensor optimizers (Adafactor, Muon, the generic path) and per-parameter norm clipping
   (:class:`~overlap_sgd.hooks.layout.ParamLayout`): the bucket is all-reduced (averaged),
   each rank updates the parameters it owns, and they are all-gathered from their owners
@@ -46,7 +50,7 @@ from torch.futures import Future
 from ..functional import FunctionalOptimizer
 from .bucket import BucketPlan, Part
 from .collectives import Sequencer, Waiter, all_gather, all_reduce, broadcast, reduce_scatter
-from .executor import Executor
+from .executor import Executor, StreamExecutor
 from .futures import Completion, gather, labelled, when_all
 from .layout import ElementLayout, ParamLayout, flat
 from .shard_state import ElementHome, Home, OwnerHome, StateShards
@@ -88,6 +92,7 @@ class ShardHookState(HookState):
         self._layouts: dict[int, Layout] = {}
         self._grad_shards: dict[int, Tensor] = {}
         self._waiter: Optional[Waiter] = None
+        self._copier: Optional[Executor] = None
         #: (parameter, its .grad, that tensor's version) when step() was last called.
         self._at_step: list[tuple[Tensor, Tensor, int]] = []
         self._warned_unzeroed = False
@@ -133,6 +138,16 @@ class ShardHookState(HookState):
                               self.owner, self.names)
             out.extend(build_layout(plan, self.world_size, self.rank, self.by_params, loads)[1])
         return out
+
+    def copier(self, device: torch.device, executor: Executor) -> Executor:
+        """Where gathered parameters are copied into place: on CUDA a side stream of its own, so
+        that a bucket's copy, which waits for its all-gather, does not hold up the updates of
+        later buckets queued behind it on the update stream; elsewhere ``executor``."""
+        if device.type != "cuda":
+            return executor
+        if self._copier is None:
+            self._copier = StreamExecutor(device)
+        return self._copier
 
     def invalidate(self) -> None:
         super().invalidate()
@@ -233,6 +248,11 @@ def _by_elements(
     shard = state._grad_shards[plan.index]
     # The local gradients' verdict, read before the collectives below may sum into the bucket.
     flags = plan.non_finite_flags(buffer) if state.finite is not None else None
+    scale: Optional[Tensor] = plan.grad_scale(world)
+    if plan.dtype == torch.float16:
+        # A sum of float16 gradients can overflow its narrow range: average first, as DDP does.
+        buffer.div_(world)
+        scale = None
     futures = []
     if chunk:
         futures.append(reduce_scatter(shard[:chunk], buffer[:main], group, state.waiter))
@@ -244,7 +264,6 @@ def _by_elements(
     done = Completion(plan.device)
     landed = gather(futures, shard)
     local = None if used is None else used.local
-    scale = plan.grad_scale(world)
     last = layout.rank == world - 1
 
     def update(result: Tensor, reduced: Optional[Tensor]) -> None:
@@ -262,9 +281,9 @@ def _by_elements(
             # Whatever happened, this rank takes part in the all-gather.
             try:
                 _hand_out_pieces(state, plan, layout, shard, buffer, used_flags)
+                layout.pack(buffer[layout.start : layout.stop], shard)
             except Exception as exc:
                 state.record_error(exc)
-            layout.pack(buffer[layout.start : layout.stop], shard)
             state.sequencer.submit(
                 plan.index, lambda: _gather_elements(state, plan, layout, buffer, executor, done, used_flags),
                 plan.device,
@@ -280,13 +299,16 @@ def _update_pieces(
     layout: ElementLayout,
     shard: Tensor,
     used: Optional[list[int]],
-    scale: Tensor,
+    scale: Optional[Tensor],
     found: Optional[Tensor],
 ) -> None:
-    """Update this rank's pieces: one kernel call per (optimizer, param group)."""
+    """Update this rank's pieces: one kernel call per (optimizer, param group). ``scale``: the
+    shard holds sums, to be divided by it (``None``: averaged already)."""
     grads = layout.grads(shard)
     clip = state.clip
-    if clip is not None or used is not None or found is not None:
+    if scale is None:
+        pass
+    elif clip is not None or used is not None or found is not None:
         shard.div_(scale)  # averaged first: clipping and skipping need the true gradients
         scale = None
     else:  # the fused kernels average the rest; a piece no optimizer updates is averaged here
@@ -353,39 +375,43 @@ def _gather_elements(
     done: Completion, used: Optional[list[int]],
 ) -> None:
     """All-gather the updated ranges into the bucket, then copy them into the parameters."""
-    world, chunk, tail = layout.world, layout.chunk, layout.tail
-    main = world * chunk
-    futures = []
-    if chunk:
-        mine = buffer[layout.start : layout.start + chunk]
-        futures.append(all_gather(buffer[:main], mine, state.gather_group, state.waiter))
-    if tail:
-        futures.append(broadcast(buffer[main:], world - 1, state.gather_group))
-    views = plan.views(buffer)
-    # Only the other ranks' ranges: this rank's update wrote its own into the parameters.
-    targets, sources = [], []
-    offset = 0
-    for pos, p in enumerate(plan.params):
-        n = p.numel()
-        if pos in layout.owned:
-            for lo, hi in ((0, min(n, layout.start - offset)), (max(0, layout.stop - offset), n)):
-                if lo < hi:
-                    targets.append(flat(p)[lo:hi])
-                    sources.append(flat(views[pos])[lo:hi])
-        offset += n
-    unowned = [pos for pos in range(len(plan.params)) if pos not in layout.owned]
+    try:
+        world, chunk, tail = layout.world, layout.chunk, layout.tail
+        main = world * chunk
+        futures = []
+        if chunk:
+            mine = buffer[layout.start : layout.start + chunk]
+            futures.append(all_gather(buffer[:main], mine, state.gather_group, state.waiter))
+        if tail:
+            futures.append(broadcast(buffer[main:], world - 1, state.gather_group))
+        views = plan.views(buffer)
+        # Only the other ranks' ranges: this rank's update wrote its own into the parameters.
+        targets, sources = [], []
+        offset = 0
+        for pos, p in enumerate(plan.params):
+            n = p.numel()
+            if pos in layout.owned:
+                for lo, hi in ((0, min(n, layout.start - offset)), (max(0, layout.stop - offset), n)):
+                    if lo < hi:
+                        targets.append(flat(p)[lo:hi])
+                        sources.append(flat(views[pos])[lo:hi])
+            offset += n
+        unowned = [pos for pos in range(len(plan.params)) if pos not in layout.owned]
 
-    def copy_out(result: Tensor, _flags: Optional[Tensor]) -> None:
-        if targets:
-            torch._foreach_copy_(targets, sources)
-        for pos in unowned:  # no optimizer updates it: the bucket brought its averaged .grad
-            p = plan.params[pos]
-            if used is not None and not used[pos]:
-                continue  # no rank used it: DDP leaves its .grad alone
-            if p.grad is None or not p.grad.is_set_to(views[pos]):
-                p.grad = views[pos].clone()
+        def copy_out(result: Tensor, _flags: Optional[Tensor]) -> None:
+            if targets:
+                torch._foreach_copy_(targets, sources)
+            for pos in unowned:  # no optimizer updates it: the bucket brought its averaged .grad
+                p = plan.params[pos]
+                if used is not None and not used[pos]:
+                    continue  # no rank used it: DDP leaves its .grad alone
+                if p.grad is None or not p.grad.is_set_to(views[pos]):
+                    p.grad = views[pos].clone()
 
-    gather([executor.after(gather(futures, buffer), None, copy_out)], buffer, done)
+        copied = state.copier(plan.device, executor).after(gather(futures, buffer), None, copy_out)
+        gather([copied], buffer, done)
+    except Exception as exc:
+        done.set_error(exc)
 
 
 def _by_params(
@@ -416,16 +442,31 @@ def _by_params(
         except Exception as exc:
             state.record_error(exc)
         finally:
+            # Whatever happened, this rank takes part in the all-gather.
             try:
-                state.hand_out_grads(plan, result, used_flags, None)
+                if state.grad_views:
+                    state.hand_out_grads(plan, result, used_flags, None)
+                else:  # DDP's copy is off (its buckets end up holding parameters): copy here
+                    _copy_grads(plan, result, used_flags)
+                mine = _pack_owned(plan, layout)
             except Exception as exc:
                 state.record_error(exc)
-            mine = _pack_owned(plan, layout)
-            state.sequencer.submit(plan.index, lambda: _gather_params(state, plan, layout, mine, result, executor, done),
-                                   plan.device)
+                mine = torch.zeros(layout.slot, dtype=plan.dtype, device=plan.device)
+            state.sequencer.submit(
+                plan.index, lambda: _gather_params(state, plan, layout, mine, result, executor, done), plan.device
+            )
 
     _chain(executor.after(comm, _future(used), update), done)
     return done.future
+
+
+def _copy_grads(plan: BucketPlan, result: Tensor, used: Optional[list[int]]) -> None:
+    """``.grad`` as a copy of each parameter's averaged gradient in ``result`` (parameters no
+    rank used keep theirs, as DDP leaves them)."""
+    views = plan.views(result)
+    for pos, p in enumerate(plan.params):
+        if used is None or used[pos]:
+            p.grad = views[pos].to(p.dtype, copy=True)
 
 
 def _owned_part(plan: BucketPlan, layout: ParamLayout) -> Part:
@@ -447,29 +488,33 @@ def _gather_params(
     state: ShardHookState, plan: BucketPlan, layout: ParamLayout, mine: Tensor, result: Tensor,
     executor: Executor, done: Completion,
 ) -> None:
-    slot = layout.slot
-    everything = torch.empty(slot * layout.world, dtype=plan.dtype, device=plan.device)
-    landed = all_gather(everything, mine, state.gather_group, state.waiter) if slot else None
-    targets, sources = [], []
-    for r, positions in enumerate(layout.positions):
-        if r == layout.rank:
-            continue
-        offset = r * slot
-        for pos in positions:
-            n = plan.params[pos].numel()
-            targets.append(flat(plan.params[pos]))
-            sources.append(everything[offset : offset + n])
-            offset += n
+    """All-gather the owners' updated parameters, then copy the others' into place."""
+    try:
+        slot = layout.slot
+        everything = torch.empty(slot * layout.world, dtype=plan.dtype, device=plan.device)
+        landed = all_gather(everything, mine, state.gather_group, state.waiter) if slot else None
+        targets, sources = [], []
+        for r, positions in enumerate(layout.positions):
+            if r == layout.rank:
+                continue
+            offset = r * slot
+            for pos in positions:
+                n = plan.params[pos].numel()
+                targets.append(flat(plan.params[pos]))
+                sources.append(everything[offset : offset + n])
+                offset += n
 
-    def copy_out(_result: Tensor, _flags: Optional[Tensor]) -> None:
-        if targets:
-            torch._foreach_copy_(targets, sources)
+        def copy_out(_result: Tensor, _flags: Optional[Tensor]) -> None:
+            if targets:
+                torch._foreach_copy_(targets, sources)
 
-    if landed is None:
-        ready: Future = Future()
-        ready.set_result(result)
-        landed = ready
-    gather([executor.after(landed, None, copy_out)], result, done)
+        if landed is None:  # no parameter of the bucket is updated by anyone
+            landed = Future(devices=[plan.device] if plan.device.type == "cuda" else None)
+            landed.set_result(result)
+        copied = state.copier(plan.device, executor).after(landed, None, copy_out)
+        gather([copied], result, done)
+    except Exception as exc:
+        done.set_error(exc)
 
 
 def make_shard_hook(

@@ -184,6 +184,7 @@ class HookState:
         self.ledger.begin()
         if self.finite is not None:
             self.finite.discard()
+        self.errors.take()  # left by a backward whose end DDP never reached (it raised first)
         self.errors.at_end_of_backward(self._end_of_backward)
         executor.hold()
 

@@ -61,8 +61,11 @@ class UsedTracker:
     def _marker(self, i: int):
         flags = self._flags
 
-        def mark(grad: Tensor) -> None:
-            flags[i] = 1
+        def mark(grad: Tensor | None) -> None:
+            # An undefined gradient (a custom Function returning None for it) is no use: DDP
+            # zero-fills the slot and does not count the parameter as used, nor does this.
+            if grad is not None:
+                flags[i] = 1
 
         return mark
 
