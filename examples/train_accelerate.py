@@ -54,6 +54,7 @@ accelerator = Accelerator(
     kwargs_handlers=[DistributedDataParallelKwargs(bucket_cap_mb=1.0)],
 )
 rank, world_size = accelerator.process_index, accelerator.num_processes
+overlap_sgd.exit_process_on_error()  # an uncaught error ends the rank with status 1, not an abort at exit
 torch.manual_seed(args.seed)
 if accelerator.device.type == "cpu":
     torch.set_num_threads(1)
@@ -113,3 +114,10 @@ if accelerator.is_main_process:
     torch.save(step, f"{args.save_dir}/step.pt")
 accelerator.wait_for_everyone()
 accelerator.end_training()
+
+# 5. Leave the job and exit without finalising the interpreter: with gloo, torch's worker threads
+#    may still be releasing the last collectives while it finalises, which aborts a process that
+#    trained correctly (see overlap_sgd/shutdown.py for the evidence).
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()
+overlap_sgd.exit_process()
