@@ -5,16 +5,47 @@ resident memory before building a mode versus after its warm-up steps (set-up gr
 peak reached during its measured steps above the resident memory just before them (the
 transient of a step). Peaks are reset between blocks through ``/proc/self/clear_refs`` where
 the kernel allows it.
+
+Freed memory often stays resident: glibc keeps freed heap pages, and after a large block is
+freed it raises its mmap threshold, so that later large tensors come from the heap too. RSS
+would then charge one mode for buffers another mode freed. Each reading therefore first hands
+free heap memory back to the system (glibc's ``malloc_trim``, where the C library has it), so
+that set-up growth and a block's base count live memory; the peaks still include every
+transient a step allocates.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import resource
 import sys
 
 import torch
 
-__all__ = ["MemoryProbe", "rss_bytes", "peak_rss_bytes", "reset_peak_rss"]
+__all__ = ["MemoryProbe", "rss_bytes", "peak_rss_bytes", "reset_peak_rss", "trim_heap"]
+
+
+def _malloc_trim():  # glibc's malloc_trim, or None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+_TRIM = _malloc_trim()
+
+
+def trim_heap() -> bool:
+    """Return free heap memory to the system (glibc ``malloc_trim(0)``); ``False`` where the C
+    library has no such call."""
+    if _TRIM is None:
+        return False
+    _TRIM(0)
+    return True
 
 
 def _status_kb(field: str) -> int | None:
@@ -65,6 +96,8 @@ class MemoryProbe:
         self.can_reset = reset_peak_rss()
 
     def now(self) -> dict[str, int | None]:
+        """Current usage: live host memory (free heap handed back first) and CUDA allocations."""
+        trim_heap()
         out: dict[str, int | None] = {"rss": rss_bytes()}
         if self.cuda:
             out["cuda"] = torch.cuda.memory_allocated(self.device)
@@ -72,12 +105,13 @@ class MemoryProbe:
 
     def start_block(self) -> dict[str, int | None]:
         """Reset the peaks and return current usage, the base of :meth:`end_block`."""
+        base = self.now()
         if self.can_reset:
             self.process_peak = max(self.process_peak, peak_rss_bytes())
             reset_peak_rss()
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
-        return self.now()
+        return base
 
     def end_block(self, base: dict[str, int | None]) -> dict[str, int | None]:
         """Peak usage since :meth:`start_block` above ``base`` (RSS only when resettable)."""

@@ -485,3 +485,39 @@ def test_report_prints_targets_and_the_limit_when_one_is_missed():
     mem = mode_memory(result["runs"][0]["modes"]["overlap-shard"])
     # On CPU the peak is the mode's own resident memory at its peak: set-up growth plus step.
     assert mem == {"state": (32 << 20) + 32, "setup": 100 << 20, "step": 7 << 20, "peak": 107 << 20, "cuda": False}
+
+
+def _trim_probe() -> None:
+    """In a fresh process: heap memory freed behind a live block stays resident until the
+    probe hands it back, so set-up growth and block bases count live memory only."""
+    import torch as t
+
+    from benchmarks.memory import MemoryProbe, rss_bytes
+
+    if rss_bytes() is None:
+        print("no /proc")
+        return
+    blocks = [t.ones(16 * 1024) for _ in range(1024)]  # 64 KiB each: heap, not mmap
+    pin = t.ones(16 * 1024)  # above them all: the heap's top cannot shrink past it
+    held = rss_bytes()
+    del blocks
+    freed = rss_bytes()
+    reading = MemoryProbe(t.device("cpu")).now()["rss"]
+    print(f"held={held} freed={freed} reading={reading} pin={pin.numel()}")
+
+
+def test_memory_probe_counts_live_memory_only():
+    from benchmarks.memory import trim_heap
+
+    if not trim_heap():
+        pytest.skip("the C library has no malloc_trim")
+    code = "from tests.test_benchmark import _trim_probe; _trim_probe()"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1], check=True).stdout
+    if out.startswith("no /proc"):
+        pytest.skip("no /proc/self/status")
+    fields = dict(kv.split("=") for kv in out.split())
+    held, freed, reading = int(fields["held"]), int(fields["freed"]), int(fields["reading"])
+    mib = 1 << 20
+    assert freed - reading > 32 * mib, out  # the 64 MiB freed leave the reading
+    assert held - reading > 32 * mib, out
