@@ -1,9 +1,10 @@
 """Starting the ranks: under ``torchrun`` (environment variables) or by spawning them locally.
 
-Spawned ranks join a process group on a free 127.0.0.1 port. If a rank fails, the others are
-stopped rather than left waiting in a collective. A spawned rank ends through
-:func:`overlap_sgd.exit_process`, as ``python -m benchmarks.overlap_bench`` does under torchrun,
-so that gloo's worker threads cannot abort it at exit (see :mod:`overlap_sgd.shutdown`).
+Spawned ranks join a process group through a store this process serves on 127.0.0.1. If a rank
+fails, the others are stopped rather than left waiting in a collective. A spawned rank ends
+through :func:`overlap_sgd.exit_process`, as ``python -m benchmarks.overlap_bench`` does under
+torchrun, so that gloo's worker threads cannot abort it at exit (see
+:mod:`overlap_sgd.shutdown`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
-import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -22,14 +22,7 @@ import torch.distributed as dist
 
 from overlap_sgd import exit_process
 
-__all__ = ["free_port", "launched_by_torchrun", "run_torchrun", "spawn"]
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["launched_by_torchrun", "run_torchrun", "spawn"]
 
 
 def launched_by_torchrun() -> bool:
@@ -59,10 +52,9 @@ def _child(fn: Callable[[int, int, Any], Any], rank: int, world: int, port: int,
            arg: Any, timeout_s: float) -> None:
     try:
         _set_device(device, rank)
-        dist.init_process_group(
-            _backend(device), init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-            timeout=datetime.timedelta(seconds=timeout_s),
-        )
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=timeout)
+        dist.init_process_group(_backend(device), store=store, rank=rank, world_size=world, timeout=timeout)
         try:
             fn(rank, world, arg)
         finally:
@@ -88,7 +80,10 @@ def spawn(fn: Callable[[int, int, Any], Any], nproc: int, device: str, arg: Any,
     succeeded, else the first failing rank's exit code (or 1); the remaining ranks are killed.
     """
     ctx = mp.get_context("spawn")
-    port = free_port()
+    # The ranks join through a store served here, bound before they start: no other socket can
+    # take its port in between.
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    port = store.port
     procs = [
         ctx.Process(target=_child, args=(fn, rank, nproc, port, device, arg, timeout_s),
                     name=f"overlap-bench-rank{rank}")

@@ -1,11 +1,12 @@
 """A small harness for distributed tests: spawn ranks, run a body, surface failures, never hang.
 
 ``run_distributed(body, world_size, *args)`` starts ``world_size`` processes, each of which joins a
-gloo process group on a free loopback port, calls ``body(rank, world_size, *args)`` and always
-destroys the group. The call returns the ranks' return values, in rank order. A rank that raises
-makes the call raise with that rank's traceback; a rank that does not finish within ``timeout``
-seconds is killed and the call fails, so a hung collective fails the test instead of hanging the
-suite.
+gloo process group through a store this process serves on a loopback port (bound before the ranks
+start, so no other socket can take the port in between), calls ``body(rank, world_size, *args)``
+and always destroys the group. The call returns the ranks' return values, in rank order. A rank
+that raises makes the call raise with that rank's traceback; a rank that does not finish within
+``timeout`` seconds is killed and the call fails, so a hung collective fails the test instead of
+hanging the suite.
 
 Ranks are forked from a forkserver that has already imported torch, so a rank starts in a
 fraction of a second. ``body`` must be a module-level function (it is pickled by reference).
@@ -19,14 +20,15 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
-import socket
 import sys
 import time
 import traceback
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["run_distributed", "free_port", "DistributedFailure"]
+from torch.distributed import TCPStore
+
+__all__ = ["run_distributed", "loopback_store", "DistributedFailure"]
 
 _CTX = mp.get_context("forkserver")
 _CTX.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo", "overlap_sgd"])
@@ -36,10 +38,10 @@ class DistributedFailure(AssertionError):
     """A rank raised, died or timed out."""
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def loopback_store() -> TCPStore:
+    """A rendezvous store served by this process on a port of 127.0.0.1 the system picks: it is
+    bound already when the ranks are told its port (``.port``), and lives as long as the object."""
+    return TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
 
 
 def _child(body, rank, world_size, port, pg_timeout, args, results, backend="gloo", gpu=None) -> None:
@@ -50,13 +52,9 @@ def _child(body, rank, world_size, port, pg_timeout, args, results, backend="glo
     try:
         if gpu is not None:
             torch.cuda.set_device(gpu)
-        dist.init_process_group(
-            backend,
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(seconds=pg_timeout),
-        )
+        timeout = datetime.timedelta(seconds=pg_timeout)
+        store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=timeout)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
         try:
             out = body(rank, world_size, *args)
         finally:
@@ -87,7 +85,8 @@ def run_distributed(
     ``backend`` is the process-group backend (``"nccl"`` needs a GPU per rank); with ``gpu``
     every rank makes that CUDA device its current one (for gloo: several ranks may share it).
     """
-    port = free_port()
+    store = loopback_store()  # served until this call returns
+    port = store.port
     results = _CTX.Queue()
     procs = [
         _CTX.Process(

@@ -118,11 +118,12 @@ def test_link_holds_bytes_over_bandwidth():
         assert link.seconds(1_000_000) == pytest.approx(0.1)
         t0 = time.perf_counter()
         held = link.hold(_done(3.0), 1_000_000)
-        assert not held.done(), "the link let a landed bucket through without holding it"
         out = held.wait()
         elapsed = time.perf_counter() - t0
         assert out.item() == 3.0
-        assert elapsed >= 0.095  # a lower bound only: a loaded machine may hold it longer
+        # A landed bucket is still held for its time on the link. A lower bound only: a loaded
+        # machine may hold it longer.
+        assert elapsed >= 0.095, "the link let a landed bucket through without holding it"
         assert link.bytes_carried == 1_000_000
     finally:
         link.close()
@@ -141,9 +142,11 @@ def test_link_serializes_buckets():
         stamped_b = b.then(lambda _: finished.setdefault("b", time.perf_counter() - t0))
         stamped_b.wait()
         stamped_a.wait()
-        # One link: the second bucket starts its 0.1 s only once the first has finished.
+        # One link: the second bucket starts its 0.1 s only once the first has finished, so it
+        # lands after 0.2 s (0.1 s if the link carried both at once). The gap between the stamps
+        # is not checked: a late-running callback of ``a`` shortens it by chance.
         assert finished["a"] >= 0.095
-        assert finished["b"] >= 0.195 and finished["b"] - finished["a"] >= 0.095
+        assert finished["b"] >= 0.195
     finally:
         link.close()
 

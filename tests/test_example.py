@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .distributed import free_port
+from .distributed import loopback_store
 from .models import assert_identical
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_ddp.py"
@@ -76,16 +76,24 @@ def torchrun(*args: str, cwd: Path, nproc: int = 2, restarts: int = 0, timeout: 
 
 
 def torchrun_nodes(*args: str, cwd: Path, nnodes: int = 2, timeout: float = 100) -> list[tuple[int, str]]:
-    """Run the example as ``nnodes`` nodes of one rank each, one torchrun per node, on this machine
-    (c10d rendezvous on a loopback port); return each launcher's (exit status, output)."""
-    endpoint = f"127.0.0.1:{free_port()}"
-    procs = [
-        _launch(_torchrun("--nnodes", str(nnodes), "--node-rank", str(i), "--rdzv-backend", "c10d",
-                          "--rdzv-endpoint", endpoint, "--rdzv-id", "test", str(EXAMPLE), *args,
-                          nproc=1), cwd)
-        for i in range(nnodes)
-    ]
-    return _finish(procs, timeout)
+    """Run the example as ``nnodes`` nodes of one rank each, one torchrun per node, on this machine;
+    return each launcher's (exit status, output).
+
+    The c10d rendezvous store is served by this process, as by a dedicated host in a cluster, so
+    that a node that dies does not take the rendezvous with it: the other node's launcher then
+    always reports its own rank's failure.
+    """
+    store = loopback_store()
+    try:
+        procs = [
+            _launch(_torchrun("--nnodes", str(nnodes), "--node-rank", str(i), "--rdzv-backend", "c10d",
+                              "--rdzv-endpoint", f"127.0.0.1:{store.port}", "--rdzv-conf", "is_host=false",
+                              "--rdzv-id", "test", str(EXAMPLE), *args, nproc=1), cwd)
+            for i in range(nnodes)
+        ]
+        return _finish(procs, timeout)
+    finally:
+        del store
 
 
 def _descendants(pid: int) -> list[int]:
@@ -252,10 +260,10 @@ def test_a_rank_that_dies_fails_the_other_node_with_a_clear_error(tmp_path):
     (killed,) = [out for _, out in launches if "rank 1: crashing (SIGKILL) before step 2" in out]
     (survivor,) = [out for _, out in launches if out is not killed]
     assert all(status != 0 for status, _ in launches), launches
-    # The survivor's backward() raises the communication error at once. (Its launcher may
-    # then report the rank's exit status 1, or, when the dead rank's launcher held the
-    # rendezvous and has gone, the lost rendezvous: either way the job fails.)
+    # The survivor's backward() raises the communication error at once, and its rank exits with 1.
     assert re.search(r"RuntimeError: .*" + PEER_GONE.pattern, survivor), _errors(survivor)
+    assert re.search(r"exitcode\s*: 1 ", survivor), _errors(survivor)
+    assert re.search(r"exitcode\s*: -9 ", killed), _errors(killed)
     assert "SIGABRT" not in survivor + killed, _errors(survivor + killed)
 
 
@@ -267,14 +275,14 @@ def test_a_rank_that_stalls_fails_the_other_node_at_the_process_group_timeout(tm
     assert all(status != 0 for status, _ in launches), launches
     # The collective the survivor waits in fails at --pg-timeout (4 s), and the rank exits with
     # 1. Gloo names the timeout in the collective that times out first; others still in flight
-    # then fail with the pair it closed, and backward() raises whichever DDP waits for first. The stalled node ends too: its rank, once it resumes, finds its peer gone,
-    # unless its launcher has already stopped it, having lost the rendezvous that the
-    # survivor's launcher held. Nothing aborts, nothing hangs.
+    # then fail with the pair it closed, and backward() raises whichever DDP waits for first.
+    # The stalled node ends too: its rank, once it resumes, finds its peer gone and exits with
+    # 1. Nothing aborts, nothing hangs.
     assert re.search(r"RuntimeError: .*(Timed out waiting 4000ms|Application timeout caused pair closure)",
                      survivor), _errors(survivor)
     assert re.search(r"exitcode\s*: 1 ", survivor) and "SIGABRT" not in survivor, _errors(survivor)
-    assert PEER_GONE.search(stalled) or "RendezvousConnectionError" in stalled, _errors(stalled)
-    assert "SIGABRT" not in stalled, _errors(stalled)
+    assert re.search(r"RuntimeError: .*" + PEER_GONE.pattern, stalled), _errors(stalled)
+    assert re.search(r"exitcode\s*: 1 ", stalled) and "SIGABRT" not in stalled, _errors(stalled)
 
 
 # -- sharded optimizer state --------------------------------------------------------------------

@@ -19,19 +19,21 @@ from pathlib import Path
 import pytest
 
 import overlap_sgd
-from tests.distributed import DistributedFailure, free_port, run_distributed
+from tests.distributed import DistributedFailure, loopback_store, run_distributed
 
 TRIGGER = Path(__file__).resolve().parent / "exit_trigger.py"
 ABORT = "terminate called without an active exception"
 
 
 def _launch(*flags: str, timeout: float = 60) -> list[tuple[int, str]]:
-    """Run the trigger as two ranks; their (exit status, output)."""
-    port = free_port()
+    """Run the trigger as two ranks; their (exit status, output). As under torchrun, the ranks
+    join through a store their launcher (here: this process) serves."""
+    store = loopback_store()
     procs = []
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port),
+               "TORCHELASTIC_USE_AGENT_STORE": "True", "OMP_NUM_THREADS": "1"}
         procs.append(subprocess.Popen([sys.executable, str(TRIGGER), *flags], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     results = []
