@@ -254,12 +254,19 @@ def _errors(out: str) -> str:
     return "\n".join(line[-300:] for line in out.splitlines() if re.search(r"Error|Timed out|exitcode|SIG", line))
 
 
+def _fault(flag: str, said: str, cwd: Path) -> tuple[str, str]:
+    """Two nodes of one rank, rank 1 faulted by ``flag`` before step 2 (it prints ``said``); the
+    faulty node's output and the survivor's, once both launchers have failed."""
+    launches = torchrun_nodes(*FAULT, flag, "2", cwd=cwd)
+    (faulty,) = [out for _, out in launches if said in out]
+    (survivor,) = [out for _, out in launches if out is not faulty]
+    assert all(status != 0 for status, _ in launches), launches
+    return faulty, survivor
+
+
 @pytest.mark.timeout(150)
 def test_a_rank_that_dies_fails_the_other_node_with_a_clear_error(tmp_path):
-    launches = torchrun_nodes(*FAULT, "--crash-at-step", "2", cwd=tmp_path)
-    (killed,) = [out for _, out in launches if "rank 1: crashing (SIGKILL) before step 2" in out]
-    (survivor,) = [out for _, out in launches if out is not killed]
-    assert all(status != 0 for status, _ in launches), launches
+    killed, survivor = _fault("--crash-at-step", "rank 1: crashing (SIGKILL) before step 2", tmp_path)
     # The survivor's backward() raises the communication error at once, and its rank exits with 1.
     assert re.search(r"RuntimeError: .*" + PEER_GONE.pattern, survivor), _errors(survivor)
     assert re.search(r"exitcode\s*: 1 ", survivor), _errors(survivor)
@@ -269,10 +276,7 @@ def test_a_rank_that_dies_fails_the_other_node_with_a_clear_error(tmp_path):
 
 @pytest.mark.timeout(150)
 def test_a_rank_that_stalls_fails_the_other_node_at_the_process_group_timeout(tmp_path):
-    launches = torchrun_nodes(*FAULT, "--stall-at-step", "2", cwd=tmp_path)
-    (stalled,) = [out for _, out in launches if "rank 1: stalling before step 2" in out]
-    (survivor,) = [out for _, out in launches if out is not stalled]
-    assert all(status != 0 for status, _ in launches), launches
+    stalled, survivor = _fault("--stall-at-step", "rank 1: stalling before step 2", tmp_path)
     # The collective the survivor waits in fails at --pg-timeout (4 s), and the rank exits with
     # 1. Gloo names the timeout in the collective that times out first; others still in flight
     # then fail with the pair it closed, and backward() raises whichever DDP waits for first.
