@@ -37,7 +37,7 @@ parser.add_argument("--accumulate", type=int, default=2, help="micro-batches per
 parser.add_argument("--batch-size", type=int, default=8, help="sequences per rank per micro-batch")
 parser.add_argument("--block-size", type=int, default=64, help="context length in characters")
 parser.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
-parser.add_argument("--clip", type=float, default=1.0, help="clip each parameter's gradient to this norm (inside the overlap; 0: off)")
+parser.add_argument("--clip", type=float, default=1.0, help="clip the global gradient norm to this (through the overlap; 0: off)")
 parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no", help="Accelerate's mixed precision (fp16 needs a gradient scaler, which the overlap refuses)")
 parser.add_argument("--save-dir", default="runs/accelerate", help="accelerator.save_state() writes the final state here")
 parser.add_argument("--resume", default=None, help="accelerator.load_state() from this folder first")
@@ -74,7 +74,7 @@ scheduler = torch.optim.lr_scheduler.LambdaLR(
 # 2. prepare() wraps the model in DDP and the optimizer in an AcceleratedOptimizer. overlap()
 #    accepts both: it overlaps the torch optimizer inside and returns the same
 #    AcceleratedOptimizer, which then skips step() and zero_grad() on accumulation micro-steps
-#    as before. Gradient clipping happens per parameter inside the overlap:
+#    as before. The global gradient norm is clipped through the overlap (clip_grad_norm):
 #    accelerator.clip_grad_norm_ after backward would come too late (step() warns).
 model, optimizer, scheduler = accelerator.prepare(net, optimizer, scheduler)
 if args.mode == "overlap":
@@ -98,8 +98,8 @@ while step < args.steps:
             _, loss = model(x.to(accelerator.device), y.to(accelerator.device))
             accelerator.backward(loss)  # overlap: the last micro-batch's backward updates
             if args.mode == "post" and args.clip and accelerator.sync_gradients:
-                for p in model.parameters():  # the same per-parameter clipping as the overlap's
-                    torch.nn.utils.clip_grad_norm_([p], args.clip)
+                # The global norm; the overlapped optimizer's step() does the same (clip_grad_norm).
+                accelerator.clip_grad_norm_(model.parameters(), args.clip)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()

@@ -66,6 +66,7 @@ parser.add_argument("--depth", type=int, default=4, help="hidden layers of the M
 parser.add_argument("--bucket-cap-mb", type=float, default=0.25, help="DDP bucket size; small buckets give the overlap something to hide behind")
 parser.add_argument("--executor", choices=["auto", "thread", "inline"], default="auto", help="where overlapped updates run (auto: a worker thread on CPU, a side stream on CUDA)")
 parser.add_argument("--shard", action="store_true", help="with --mode overlap: each rank keeps the optimizer state of only its share of every bucket (ZeRO-1); checkpoints then hold each rank's share")
+parser.add_argument("--clip", type=float, default=0.0, help="clip the global gradient norm to this (0: off): clip_grad_norm_ after backward, or through the overlap")
 parser.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the data")
 parser.add_argument("--log-every", type=int, default=10, help="print loss and step time every this many steps")
 parser.add_argument("--warmup", type=int, default=5, help="steps left out of the mean step time in the summary")
@@ -137,7 +138,8 @@ if args.optimizer == "sgd":
 else:
     optimizer = torch.optim.AdamW(groups, lr=args.lr or 3e-3)
 if args.mode == "overlap":
-    optimizer = overlap_sgd.overlap(model, optimizer, executor=args.executor, shard=args.shard)
+    optimizer = overlap_sgd.overlap(model, optimizer, executor=args.executor, shard=args.shard,
+                                    clip_grad_norm=args.clip or None)
 if args.schedule == "cosine":
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.steps, eta_min=0.1 * optimizer.param_groups[0]["lr"])
 else:
@@ -177,6 +179,10 @@ while step < args.steps:
     t0 = time.perf_counter()
     loss = F.mse_loss(model(x), y)
     loss.backward()  # overlap: each bucket's parameters are updated in here, as its all-reduce lands
+    if args.clip and args.mode == "overlap":
+        optimizer.clip_grad_norm_(args.clip)  # takes the place of the line below
+    elif args.clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
     optimizer.step()  # overlap: updates nothing, only closes the step; post: the whole update
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)

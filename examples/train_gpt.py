@@ -21,6 +21,9 @@ resumes from step 100 and ends bit-identical to a run that never crashed:
     torchrun --standalone --nproc-per-node 2 --max-restarts 1 examples/train_gpt.py \\
         --checkpoint-dir runs/gpt-ckpt --checkpoint-every 50 --crash-at-step 120
 
+The global gradient norm is clipped to 1.0 (--clip, 0 turns it off), exactly, with the
+updates still inside backward: steps that clip are corrected in step().
+
 Runs on CPU with gloo, or on CUDA with NCCL when a GPU is present (--device).
 """
 
@@ -64,6 +67,7 @@ parser.add_argument("--weight-decay", type=float, default=0.1, help="weight deca
 parser.add_argument("--warmup-steps", type=int, default=20, help="linear learning-rate warm-up, then cosine decay to --min-lr-ratio")
 parser.add_argument("--min-lr-ratio", type=float, default=0.1, help="final learning rate as a fraction of the peak")
 parser.add_argument("--steps", type=int, default=250, help="total optimizer steps of the run (a resumed run continues up to it)")
+parser.add_argument("--clip", type=float, default=1.0, help="clip the global gradient norm to this (as nanoGPT does; 0: off): clip_grad_norm_ after backward, or overlap(..., clip_grad_norm=...) corrected in step()")
 parser.add_argument("--bf16", action="store_true", help="bf16 autocast for forward and backward (parameters and optimizer stay fp32)")
 parser.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP bucket size (DDP's default; this model fits in one bucket; smaller buckets give the overlap something to hide behind, at a fixed cost per bucket)")
 parser.add_argument("--executor", choices=["auto", "thread", "inline"], default="auto", help="where overlapped updates run (auto: a worker thread on CPU, a side stream on CUDA)")
@@ -80,6 +84,8 @@ parser.add_argument("--crash-at-step", type=int, default=None, help="fault injec
 args = parser.parse_args()
 if args.mode == "both" and (args.checkpoint_dir or args.save_final or args.crash_at_step is not None):
     parser.error("--checkpoint-dir, --save-final and --crash-at-step apply to --mode overlap or post")
+if args.clip < 0:
+    parser.error(f"--clip must be 0 (off) or positive, got {args.clip}")
 for name in ("steps", "batch_size", "accumulate", "block_size", "eval_every", "eval_batches", "log_every"):
     if getattr(args, name) < 1:
         parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -153,7 +159,8 @@ def build(mode):
     if mode == "overlap":
         # 5. The one-line change: each bucket's parameters are updated inside backward, as soon
         #    as the bucket's all-reduce lands. The returned optimizers replace the originals.
-        optimizers = overlap_sgd.overlap(model, optimizers, executor=args.executor)
+        #    With --clip the global gradient norm is clipped exactly as clip_grad_norm_ would.
+        optimizers = overlap_sgd.overlap(model, optimizers, executor=args.executor, clip_grad_norm=args.clip or None)
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lr_factor) for o in optimizers]
     return model, optimizers, schedulers
 
@@ -192,11 +199,19 @@ def train_step(mode, step):
                 _, loss = model(x, y)
             (loss / args.accumulate).backward()  # overlap: the update runs in the last backward
         total += loss.detach()
+    norm = None
+    if args.clip:
+        # The usual line; with the overlap, the optimizer's own clip_grad_norm_ takes its place.
+        if mode == "overlap":
+            norm = optimizers[0].clip_grad_norm_(args.clip)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        clipped[mode] += bool(norm > args.clip)
     for opt, sched in zip(optimizers, schedulers):
         opt.step()  # overlap: updates nothing, only closes the step; post: the whole update
         sched.step()
         opt.zero_grad(set_to_none=True)
-    return total / args.accumulate
+    return total / args.accumulate, norm
 
 
 @torch.no_grad()
@@ -223,6 +238,8 @@ def save(step):
 live = launch.master and sys.stdout.isatty()  # a progress line redrawn in place on a terminal
 comparison = Comparison(warmup=args.warmup)
 seconds = {mode: [] for mode in modes}
+clipped = {mode: 0 for mode in modes}  # steps whose gradient norm was clipped
+norms = {}
 val = {}
 saved_at, t_start, loss = first_step, time.perf_counter(), None
 if step < args.steps:  # where the run starts from, for the validation curve
@@ -238,7 +255,7 @@ while step < args.steps:
     losses, took = {}, {}
     for mode in order:
         t0 = time.perf_counter()
-        losses[mode] = train_step(mode, step)
+        losses[mode], norms[mode] = train_step(mode, step)
         if launch.cuda:
             torch.cuda.synchronize()
         took[mode] = time.perf_counter() - t0
@@ -262,6 +279,8 @@ while step < args.steps:
         eta = per_step * (args.steps - step)
         parts = [f"step {step:5d}/{args.steps}"]
         parts += [f"loss {' / '.join(f'{loss[m]:.4f}' for m in modes)}"]
+        if args.clip:
+            parts += [f"norm {' / '.join(f'{float(norms[m]):.3f}' for m in modes)}"]
         parts += [f"{' / '.join(f'{1e3 * sum(recent[m]) / len(recent[m]):6.1f}' for m in modes)} ms"]
         parts += [f"{' / '.join(f'{tokens_per_step * len(recent[m]) / sum(recent[m]):6,.0f}' for m in modes)} tok/s"]
         parts += [f"ETA {int(eta) // 60}:{int(eta) % 60:02d}"]
@@ -291,18 +310,22 @@ elif args.mode != "both":
     median = timed[len(timed) // 2]
     log(f"summary: mode {args.mode} | {args.optimizer} | steps {first_step} -> {step} | median step {1e3 * median:.2f} ms "
         f"| {tokens_per_step / median:,.0f} tok/s | final loss {loss[args.mode]:.4f} | validation loss {val[args.mode]:.4f} "
-        f"| {time.perf_counter() - t_start:.0f} s")
+        f"| clipped {clipped[args.mode]} steps | {time.perf_counter() - t_start:.0f} s")
 elif launch.master:
     s = comparison.summary()
     out = Path(args.out_dir)
     csv_path = comparison.write_csv(out / "both.csv")
     png_path = plot(comparison, out / "both.png")
-    same = "identical at every step" if s["max_loss_diff"] == 0 else "within rounding"
+    same = "identical at every step" if s["max_loss_diff"] == 0 else (
+        "within rounding: a clipped step's correction rounds once more than clipping first")
     print(f"summary: overlap vs post-backward step | {world_size} ranks on {device.type} | {n_params / 1e6:.2f}M parameters "
           f"| {args.optimizer}{' + bf16' if args.bf16 else ''} | {s['steps']} steps of {tokens_per_step:,} tokens "
           f"| {time.perf_counter() - t_start:.0f} s", flush=True)
     print(f"  loss curves:      largest |overlap - post| {s['max_loss_diff']:.3g} over {s['steps']} steps ({same})", flush=True)
     print(f"  validation loss:  overlap {s['val_overlap']:.4f} | post {s['val_post']:.4f}", flush=True)
+    if args.clip:
+        print(f"  clipping:         max_norm {args.clip:g} | clipped steps overlap {clipped['overlap']} "
+              f"| post {clipped['post']} of {s['steps']}", flush=True)
     print(f"  median step:      overlap {s['median_ms_overlap']:.1f} ms | post {s['median_ms_post']:.1f} ms "
           f"| overlap/post {s['ratio']:.3f} (after {args.warmup} warm-up steps)", flush=True)
     if png_path is not None:

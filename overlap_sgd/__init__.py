@@ -16,6 +16,7 @@ from .functional import (
     KernelChoice,
 )
 from .hooks import NonFiniteGradientError, OverlapHookState, make_overlap_hook, overlap_hook
+from .hooks.norm_clip import ClipGradNorm
 from .optimizer import OverlappedOptimizer
 from .consistency import ConsistencyError, check_consistency
 from .drop_in import overlap, overlapped_optimizers, trainable_parameters
@@ -33,6 +34,7 @@ from .registry import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ClipGradNorm",
     "ConsistencyError",
     "FunctionalAdam",
     "FunctionalAdamW",

@@ -100,7 +100,7 @@ def checkpoint_state(
     counter, a data position) must be plain data: ints, floats, strings, tensors, and lists,
     tuples or dicts of them.
     """
-    reserved = {"format", "model", "optimizer", "optimizer_class", "layout", "scheduler"} & extra.keys()
+    reserved = {"format", "model", "optimizer", "optimizer_class", "layout", "scheduler", "clipping"} & extra.keys()
     if reserved:
         raise ValueError(f"extra keys {sorted(reserved)} are reserved by checkpoint_state()")
     several = isinstance(optimizer, (list, tuple))
@@ -110,6 +110,10 @@ def checkpoint_state(
         values = [f(o) for o in optimizers]
         return values if several else values[0]
 
+    for o in optimizers:  # a clipped step's correction comes before its state is read
+        settle = getattr(o, "_settle_clip", None)
+        if settle is not None:
+            settle()
     sharded = [getattr(o, "_sharded", False) for o in optimizers]
     if any(sharded) and not all(sharded):
         raise ValueError("checkpoint_state() got sharded and unsharded optimizers together")
@@ -121,6 +125,11 @@ def checkpoint_state(
         "optimizer_class": each(_class_name),
         "layout": each(_layout),
     }
+    clipper = _clipper(optimizers[0])
+    if clipper is not None:
+        # Global-norm clipping's policy memory: a resumed run speculates or defers as the run
+        # that never stopped would (the two round differently).
+        state["clipping"] = clipper.state_dict()
     if scheduler is not None:
         if isinstance(scheduler, (list, tuple)):
             state["scheduler"] = [s.state_dict() for s in scheduler]
@@ -224,7 +233,17 @@ def load_checkpoint(
             opt.load_state_dict(entry["optimizer"])
     for sched, state in zip(schedulers, saved_schedulers):
         sched.load_state_dict(state)
+    clipper = _clipper(optimizers[0]) if optimizers else None
+    if clipper is not None and "clipping" in ckpt:
+        clipper.load_state_dict(ckpt["clipping"])
     return ckpt
+
+
+def _clipper(optimizer: Any) -> Any:
+    """The global-norm clipping of an overlapped optimizer (inside an Accelerate wrapper too)."""
+    inner = getattr(optimizer, "optimizer", None)
+    state = getattr(optimizer, "hook_state", None) or getattr(inner, "hook_state", None)
+    return getattr(state, "clipper", None)
 
 
 # -- sharded optimizer state -----------------------------------------------------------------

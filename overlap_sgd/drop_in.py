@@ -13,6 +13,8 @@ from torch.optim import Optimizer
 from . import accelerated
 from .hooks import Executor, OverlapHookState, make_executor, overlap_hook
 from .hooks.clip import GradClip
+from .hooks.norm_clip import ClipGradNorm, check_max_norm
+from .registry import default_hook_factory
 from .optimizer import OverlappedOptimizer
 from .registry import resolve
 from .sharding import register_sharded
@@ -41,7 +43,8 @@ def overlap(
     executor: str | Executor = "auto",
     check_finite: bool | str = False,
     clip_grad_value: float | None = None,
-    clip_grad_norm: float | None = None,
+    clip_grad_norm: float | ClipGradNorm | None = None,
+    clip_grad_norm_per_param: float | None = None,
     check_consistency_every: int = 0,
     slice_mb: float | str | None = "auto",
     grad_views: bool = True,
@@ -77,9 +80,17 @@ def overlap(
             skip the update there). ``"backward"`` or ``"step"`` chooses the place. Off by
             default, as post-backward steps do not check either.
         clip_grad_value: clamp each gradient element to ``[-v, v]`` before the update.
-        clip_grad_norm: rescale each *parameter's* gradient to L2 norm at most this value
-            before the update (per parameter: a global norm needs every bucket, so it cannot be
-            applied before the first bucket's update). See :mod:`overlap_sgd.hooks.clip`.
+        clip_grad_norm: clip the *global* gradient norm exactly as
+            ``torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)`` after backward
+            would: a number (``max_norm``) or a
+            :class:`~overlap_sgd.hooks.norm_clip.ClipGradNorm` (``norm_type``,
+            ``error_if_nonfinite``, ``policy``). Buckets are still updated inside backward
+            and corrected in ``step()`` on the steps that clip (see
+            :mod:`overlap_sgd.hooks.norm_clip`); ``step()`` leaves the clipped gradients in
+            ``.grad`` and the total norm in ``optimizer.grad_norm``.
+        clip_grad_norm_per_param: rescale each *parameter's* gradient to L2 norm at most this
+            value before its update (what ``clip_grad_norm`` meant before 0.2). See
+            :mod:`overlap_sgd.hooks.clip`.
         slice_mb: with the default all-reduce, communicate each bucket in slices of about
             this many MiB and update each slice as soon as it lands, so a large bucket's
             update need not wait for the whole bucket to land. Each slice is one more
@@ -162,7 +173,10 @@ def overlap(
         raise TypeError(f"grad_views must be a bool, got {type(grad_views).__name__}")
     if not isinstance(shard, bool):
         raise TypeError(f"shard must be a bool, got {type(shard).__name__}")
-    clip = GradClip(clip_grad_value, clip_grad_norm)
+    clip = GradClip(clip_grad_value, clip_grad_norm_per_param)
+    if clip_grad_norm is not None and not isinstance(clip_grad_norm, ClipGradNorm):
+        check_max_norm(clip_grad_norm, "clip_grad_norm")
+    norm_clip = ClipGradNorm.of(clip_grad_norm)
     if isinstance(check_consistency_every, bool) or not isinstance(check_consistency_every, int):
         raise TypeError(
             f"check_consistency_every must be an int, got {type(check_consistency_every).__name__}"
@@ -198,6 +212,8 @@ def overlap(
         )
     functionals = [r.functional.bind(opt) for r, opt in zip(registrations, optimizers)]
     _check_sparse(ddp_model, functionals, names)
+    if norm_clip is not None:
+        _check_global_clip(ddp_model, registrations, names)
 
     common = dict(
         process_group=ddp_model.process_group,
@@ -209,6 +225,8 @@ def overlap(
         clip=clip,
         require_step=True,
     )
+    if norm_clip is not None:
+        common["norm_clip"] = norm_clip
     if shard:
         common.pop("process_group")
         state = register_sharded(
@@ -337,3 +355,22 @@ def _check_sparse(ddp_model: DistributedDataParallel, functionals: list[Any], na
                         f"parameter {names.get(id(p), 'weight')!r} gets sparse gradients "
                         f"(sparse=True), which {f.torch_optimizer.__name__} cannot take"
                     )
+
+
+def _check_global_clip(
+    ddp_model: DistributedDataParallel, registrations: list[Any], names: dict[int, str]
+) -> None:
+    """Raise ``ValueError`` for what global-norm clipping cannot do, before anything is set up."""
+    custom = [r.optimizer.__qualname__ for r in registrations if r.hook_factory is not default_hook_factory]
+    if custom:
+        raise ValueError(
+            f"clip_grad_norm needs overlap-sgd's own bucket hook, but {custom} registered hook "
+            "factories of their own; clip inside that hook instead"
+        )
+    for module in ddp_model.module.modules():
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse:
+            raise ValueError(
+                f"clip_grad_norm cannot take the norm of sparse gradients (parameter "
+                f"{names.get(id(module.weight), 'weight')!r} has sparse=True), as "
+                "torch.nn.utils.clip_grad_norm_ cannot either"
+            )

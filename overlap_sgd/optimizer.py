@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+from torch import Tensor
 from torch.optim import Optimizer
 
 from .hooks import OverlapHookState
@@ -145,11 +146,13 @@ class OverlappedOptimizer(Optimizer):
                 "gradients were modified in place after backward() (for example by "
                 "torch.nn.utils.clip_grad_norm_ or accelerator.clip_grad_norm_), but overlapped "
                 "parameters were already updated "
-                "inside backward() with the unmodified gradients. Clip inside the overlap "
-                "instead: overlap(..., clip_grad_norm=..., clip_grad_value=...) clip each "
-                "parameter's gradient before its update.",
+                "inside backward() with the unmodified gradients. Clip through the overlap "
+                "instead: overlap(..., clip_grad_norm=max_norm) clips the global norm exactly, "
+                "and optimizer.clip_grad_norm_(max_norm) takes the place of the "
+                "torch.nn.utils.clip_grad_norm_ call.",
                 stacklevel=2,
             )
+        self._settle_clip()
         self._hook_state.acknowledge_step(self._index)
         self._optimizer._opt_called = True  # type: ignore[attr-defined]
         self._steps += 1
@@ -159,6 +162,77 @@ class OverlappedOptimizer(Optimizer):
 
             check_consistency(self._model, group=self._hook_state.process_group)
         return None
+
+    # -- global-norm clipping ----------------------------------------------------------------
+
+    def _settle_clip(self, max_norm: float | None = None) -> Any:
+        settle = getattr(self._hook_state, "settle_clip", None)
+        return None if settle is None else settle(max_norm)
+
+    def clip_grad_norm_(
+        self, max_norm: float | None = None, norm_type: float | str | None = None,
+        error_if_nonfinite: bool | None = None, foreach: bool | None = None,
+    ) -> Tensor:
+        """Clip the global gradient norm of the last backward, in place of
+        ``torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)`` after ``backward()``.
+
+        Needs ``overlap(..., clip_grad_norm=...)``: the updates inside backward keep what the
+        clipping needs. ``max_norm`` overrides the configured value for this step (``None``
+        keeps it); ``norm_type`` and ``error_if_nonfinite``, if given, must be the configured
+        ones (the norms were taken inside backward); ``foreach`` is accepted and ignored.
+        Returns the total norm of the unclipped gradients (a 0-dim tensor), as torch does.
+        Every overlapped optimizer of the model shares the one clipping: calling it on any
+        of them settles all; ``step()`` afterwards does not clip again.
+
+        Example (``opt`` from ``overlap(model, opt, clip_grad_norm=1.0)``)::
+
+            loss.backward()
+            norm = opt.clip_grad_norm_(1.0)   # was torch.nn.utils.clip_grad_norm_(...)
+            opt.step()
+        """
+        clipper = getattr(self._hook_state, "clipper", None)
+        if clipper is None:
+            raise ValueError(
+                "clip_grad_norm_() needs global-norm clipping set up when the model is "
+                "overlapped: overlap(model, optimizer, clip_grad_norm=max_norm); the updates "
+                "inside backward() then keep what an exact clip needs"
+            )
+        if max_norm is not None:
+            from .hooks.norm_clip import check_max_norm
+
+            max_norm = check_max_norm(max_norm, "max_norm")
+        if norm_type is not None:
+            from .hooks.norm_clip import ClipGradNorm
+
+            asked = ClipGradNorm(1.0, norm_type).norm_type
+            if asked != clipper.norm_type:
+                raise ValueError(
+                    f"norm_type {norm_type!r} differs from the {clipper.norm_type} configured in "
+                    "overlap(clip_grad_norm=ClipGradNorm(..., norm_type=...)): the norms were "
+                    "taken inside backward()"
+                )
+        if error_if_nonfinite is not None and error_if_nonfinite != clipper.options.error_if_nonfinite:
+            raise ValueError(
+                f"error_if_nonfinite={error_if_nonfinite!r} differs from the configured "
+                f"{clipper.options.error_if_nonfinite!r}: set it in ClipGradNorm(...)"
+            )
+        total = self._settle_clip(max_norm)
+        if total is None:
+            raise RuntimeError("clip_grad_norm_() was called before any synchronising backward()")
+        return total
+
+    @property
+    def grad_norm(self) -> Tensor | None:
+        """The total gradient norm of the last settled step (a 0-dim tensor, as
+        ``clip_grad_norm_`` returns it), with ``overlap(..., clip_grad_norm=...)``; else ``None``."""
+        clipper = getattr(self._hook_state, "clipper", None)
+        return None if clipper is None else clipper.total_norm
+
+    @property
+    def clipped(self) -> bool:
+        """Whether the last settled step's gradients were scaled down by global-norm clipping."""
+        clipper = getattr(self._hook_state, "clipper", None)
+        return bool(clipper is not None and clipper.clipped)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if not set_to_none and getattr(self._hook_state, "grad_views", False):
@@ -174,6 +248,7 @@ class OverlappedOptimizer(Optimizer):
         With ``shard=True`` it holds every parameter's whole state, gathered from all ranks:
         a collective that every rank of the model must call.
         """
+        self._settle_clip()  # a clipped step is corrected before its state is read
         if self._sharded:
             from .sharding import full_state_dict
 

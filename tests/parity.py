@@ -58,7 +58,17 @@ class Scenario:
     swap_state_at: int | None = None
     autocast: bool = False
     clip_value: float | None = None
+    #: Per-parameter norm clipping (``clip_grad_norm_per_param``).
     clip_norm: float | None = None
+    #: Global-norm clipping (``clip_grad_norm``): the reference calls
+    #: ``clip_grad_norm_(model.parameters(), clip_global)`` after backward.
+    clip_global: float | None = None
+    #: ``ClipGradNorm``'s policy for ``clip_global``.
+    clip_policy: str = "auto"
+    #: ``ClipGradNorm``'s norm type for ``clip_global``.
+    clip_norm_type: float = 2.0
+    #: Clip through ``opt.clip_grad_norm_(clip_global)`` after backward instead of in ``step()``.
+    clip_method: bool = False
     slice_mb: float | str | None = "auto"
     #: Lowers ``slice_mb="auto"``'s minimum slice, so that the test's small buckets are cut.
     auto_min_slice_mb: float | None = None
@@ -248,7 +258,10 @@ def parity_body(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any
     wrapped = overlap_sgd.overlap(
         ovl, raw if scenario.multi else raw[0], comm_hook=ovl_hook, comm_state=ovl_hook_state,
         executor=scenario.executor, clip_grad_value=scenario.clip_value,
-        clip_grad_norm=scenario.clip_norm, slice_mb=scenario.slice_mb,
+        clip_grad_norm_per_param=scenario.clip_norm,
+        clip_grad_norm=None if scenario.clip_global is None else overlap_sgd.ClipGradNorm(
+            scenario.clip_global, norm_type=scenario.clip_norm_type, policy=scenario.clip_policy),
+        slice_mb=scenario.slice_mb,
         grad_views=scenario.grad_views, shard=scenario.shard,
     )
     opts = wrapped if scenario.multi else [wrapped]
@@ -263,6 +276,9 @@ def parity_body(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any
             scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in ref_opts + opts]
 
     initial = {n: p.detach().clone() for n, p in ovl.module.named_parameters()}
+    ref_norms: list[torch.Tensor] = []
+    ovl_norms: list[torch.Tensor] = []
+    clipped: list[bool] = []
     grad_views = 0
     plans_built: list[int] = []  # after each step
     ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if scenario.autocast else nullcontext
@@ -288,12 +304,29 @@ def parity_body(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any
                     F.mse_loss(out.float(), y).backward()
             if model is ref and (scenario.clip_value or scenario.clip_norm):
                 _clip_reference(model, scenario)
+            if scenario.clip_global is not None:
+                if model is ref:
+                    ref_norms.append(torch.nn.utils.clip_grad_norm_(
+                        model.parameters(), scenario.clip_global, norm_type=scenario.clip_norm_type))
+                elif scenario.clip_method:
+                    ovl_norms.append(optimizers[0].clip_grad_norm_(scenario.clip_global))
             last_grads.append({n: None if p.grad is None else p.grad.clone()
                                for n, p in model.module.named_parameters()})
             if model is ovl:
                 views = sum(p.grad is not None and p.grad._is_view() for p in ovl.parameters())
+            if model is ovl and scenario.clip_global is not None:
+                # The gradients are clipped by step() (or the method above): compare them then.
+                for o in optimizers:
+                    o.step()
+                if not scenario.clip_method:
+                    ovl_norms.append(optimizers[0].grad_norm)
+                clipped.append(optimizers[0].clipped)
+                last_grads[-1] = {n: None if p.grad is None else p.grad.clone()
+                                  for n, p in model.module.named_parameters()}
+            else:
+                for o in optimizers:
+                    o.step()
             for o in optimizers:
-                o.step()
                 if scenario.zero != "keep":
                     o.zero_grad(set_to_none=scenario.zero == "none")
         grad_views = max(grad_views, views)
@@ -323,6 +356,18 @@ def parity_body(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any
                     _close(sd["state"][k][key], v, scenario, f"optimizer {i} state {k}/{key}")
                 else:
                     assert sd["state"][k][key] == v, f"[{scenario.name}] state {k}/{key}"
+    for step, (n_ref, n_ovl) in enumerate(zip(ref_norms, ovl_norms, strict=True)):
+        # Unsharded, the per-parameter norms are combined in clip_grad_norm_'s own order: the
+        # same bits on the same gradients (once a correction rounded the parameters, the
+        # scenario's tolerance). Sharded, pieces' norms are summed over the ranks: rounding.
+        if scenario.shard:
+            rtol = max(1e-5, scenario.rounding.rtol if scenario.rounding is not None else 0.0)
+            torch.testing.assert_close(n_ovl.float(), n_ref.float(), rtol=rtol, atol=0,
+                                       msg=lambda m: f"[{scenario.name}] step {step} norm: {m}")
+        else:
+            _close(n_ovl, n_ref, scenario, f"step {step} total norm")
+    fired = [float(torch.clamp(scenario.clip_global / (n + 1e-6), max=1.0)) < 1.0 for n in ref_norms]
+    assert clipped == fired, f"[{scenario.name}] clipped {clipped}, the reference {fired}"
     state = ovl._overlap_sgd_state
     held = sum(v.numel() for o in opts for st in o.state.values() for v in st.values()
                if isinstance(v, torch.Tensor) and v.dim() > 0)
@@ -342,6 +387,9 @@ def parity_body(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any
         "syncs": state.syncs,
         # The most parameters whose .grad was a view after a backward (bucket views handed out).
         "grad_views": grad_views,
+        # Steps whose gradients global-norm clipping scaled down, and steps that ran deferred.
+        "clipped": sum(clipped),
+        "deferred": getattr(getattr(state, "clipper", None), "deferred_steps", 0),
     }
 
 

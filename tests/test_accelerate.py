@@ -193,11 +193,13 @@ def test_accelerate_example_trains_as_its_post_backward_mode(tmp_path):
     (model, optimizer), (ref_model, ref_optimizer) = saved["overlap"], saved["post"]
     assert model.keys() == ref_model.keys()
     for name, value in model.items():
-        # The per-parameter clipping is computed by other kernels on the two sides: rounding.
-        torch.testing.assert_close(value, ref_model[name], rtol=1e-5, atol=1e-6, msg=name)
+        # Steps that clip the global norm are corrected after the overlapped update, which rounds
+        # a few more times than clipping first; Adam's m / sqrt(v) amplifies that where a
+        # gradient element is near zero.
+        torch.testing.assert_close(value, ref_model[name], rtol=1e-4, atol=5e-5, msg=name)
     states, ref_states = optimizer["state"], ref_optimizer["state"]
     assert states.keys() == ref_states.keys() and len(states) == len(model)
     for index, state in states.items():
         assert float(state["step"]) == 4 and bool(state["exp_avg"].abs().max() > 0)  # trained
         for key, value in state.items():
-            torch.testing.assert_close(value, ref_states[index][key], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(value, ref_states[index][key], rtol=1e-4, atol=5e-5)

@@ -188,7 +188,7 @@ def test_clipping_changes_gradients() -> None:
 def test_clip_options_are_validated() -> None:
     from overlap_sgd.hooks.clip import GradClip
 
-    with pytest.raises(ValueError, match="clip_grad_norm must be positive, got -1"):
+    with pytest.raises(ValueError, match="clip_grad_norm_per_param must be positive, got -1"):
         GradClip(norm=-1)
     with pytest.raises(TypeError, match="clip_grad_value must be a number"):
         GradClip(value="big")

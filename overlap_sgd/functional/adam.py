@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import math
+
 import torch
 from torch import Tensor
 from torch.optim.adam import adam
 
-from .base import FunctionalOptimizer, KernelChoice, divide_first, fused_supported, new_step, skip_on_host
+from .base import FunctionalOptimizer, KernelChoice, add_scaled, divide_first, fused_supported, new_step, skip_on_host
 
 __all__ = ["FunctionalAdam", "FunctionalAdamW"]
 
@@ -164,6 +166,97 @@ class FunctionalAdam(FunctionalOptimizer):
             eps=group["eps"],
             maximize=group["maximize"],
         )
+
+    # -- global-norm clipping ----------------------------------------------------------------
+    #
+    # torch's Adam step t on gradient g (s = -1 under ``maximize``, p0 the parameter before,
+    # after AdamW's decoupled decay, which both updates share and so cancels):
+    #   G = s*g + wd*p0 (coupled weight decay) or s*g;  m = b1*m0 + (1-b1)*G;
+    #   v = b2*v0 + (1-b2)*G**2;  p = p0 - (lr/bc1) * m / (sqrt(v)/sqrt(bc2) + eps),
+    #   bc1 = 1 - b1**t, bc2 = 1 - b2**t.
+    # Clipping replaces g by c*g, so G by G' = G + D with D = s*(c-1)*g: m changes by
+    # (1-b1)*D, v by (1-b2)*(G'**2 - G**2) (= (1-b2)*(c**2-1)*g**2 without coupled decay), and
+    # p by (lr/bc1) * (u - u'), u and u' the old and new m / denominator. Coupled decay needs
+    # p0, which the step gives back: p0 = p + (lr/bc1)*u. At t = 1 (m0 = v0 = 0) m and v are
+    # recomputed from G' directly, which keeps strong clipping from cancelling digits.
+    # ``amsgrad``'s running max cannot be undone: those groups run deferred.
+
+    def corrects_clip(self, group_index: int) -> bool:
+        group = self.param_groups[group_index]
+        if group["amsgrad"]:
+            return False
+        key = (id(group["params"]), len(group["params"]))
+        known = self.__dict__.setdefault("_complex_groups", {})
+        if key not in known:
+            known[key] = any(torch.is_complex(p) for p in group["params"])
+        return not known[key]
+
+    def correct_clip(
+        self,
+        group_index: int,
+        params: list[Tensor],
+        grads: list[Tensor],
+        coef: float,
+        before: object = None,
+        keys: list[Tensor] | None = None,
+    ) -> None:
+        group = self.param_groups[group_index]
+        beta1, beta2 = group["betas"]
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        coupled = wd != 0 and not group["decoupled_weight_decay"]
+        sign = -1.0 if group["maximize"] else 1.0
+        k = sign * (coef - 1.0)  # D = k * g
+        state = self.state
+        sts = [state[key] for key in (keys or params)]
+        steps = [st["step"] for st in sts]
+        if all(t.device.type == "cpu" for t in steps):
+            counts = [float(t) for t in steps]
+        else:  # capturable or fused on the device: one read of every step count
+            counts = torch.stack([t.to(torch.float64) for t in steps]).tolist()
+        by_step: dict[float, list[int]] = {}
+        for i, t in enumerate(counts):
+            by_step.setdefault(t, []).append(i)
+        for t, idx in by_step.items():
+            p = [params[i] for i in idx]
+            g = [grads[i] for i in idx]
+            m = [sts[i]["exp_avg"] for i in idx]
+            v = [sts[i]["exp_avg_sq"] for i in idx]
+            step_size = lr / (1.0 - beta1**t)
+            bc2_sqrt = math.sqrt(1.0 - beta2**t)
+            u_old = _direction(m, v, bc2_sqrt, eps)
+            if coupled:
+                grad = torch._foreach_mul(g, sign)  # G = s*g + wd*p0
+                add_scaled(grad, torch._foreach_add(p, _scaled(u_old, step_size)), wd)
+                clipped = torch._foreach_add(grad, g, alpha=k)  # G' = G + D
+            if t == 1:
+                if not coupled:
+                    clipped = torch._foreach_mul(g, sign * coef)
+                torch._foreach_copy_(m, torch._foreach_mul(clipped, 1.0 - beta1))
+                torch._foreach_copy_(v, torch._foreach_mul(torch._foreach_mul(clipped, clipped), 1.0 - beta2))
+            else:
+                add_scaled(m, g, (1.0 - beta1) * k)
+                if coupled:  # G'**2 - G**2 = D * (G + G')
+                    torch._foreach_add_(grad, clipped)
+                    torch._foreach_addcmul_(v, torch._foreach_mul(g, k), grad, value=1.0 - beta2)
+                else:
+                    torch._foreach_addcmul_(v, g, g, value=(1.0 - beta2) * (coef * coef - 1.0))
+                torch._foreach_clamp_min_(v, 0.0)
+            u_new = _direction(m, v, bc2_sqrt, eps)
+            torch._foreach_sub_(u_old, u_new)
+            add_scaled(p, u_old, step_size)
+
+
+def _direction(m: list[Tensor], v: list[Tensor], bc2_sqrt: float, eps: float) -> list[Tensor]:
+    """Adam's ``m / (sqrt(v) / sqrt(bc2) + eps)``, as new tensors."""
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_div_(denom, bc2_sqrt)
+    torch._foreach_add_(denom, eps)
+    return torch._foreach_div(m, denom)
+
+
+def _scaled(xs: list[Tensor], alpha: float | Tensor) -> list[Tensor]:
+    return torch._foreach_mul(xs, alpha)
+
 
 
 class FunctionalAdamW(FunctionalAdam):

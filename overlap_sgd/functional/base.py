@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["FunctionalOptimizer", "KernelChoice", "dense", "divide", "divide_first", "fused_supported", "skip_on_host"]
+__all__ = ["FunctionalOptimizer", "KernelChoice", "add_scaled", "dense", "divide", "divide_first", "fused_supported", "skip_on_host"]
 
 
 class KernelChoice:
@@ -375,6 +375,38 @@ class FunctionalOptimizer:
     ) -> None:
         raise NotImplementedError
 
+    # -- global-norm clipping: correcting a speculative update ---------------------------------
+
+    def corrects_clip(self, group_index: int) -> bool:
+        """Whether an update of group ``group_index`` made with the unclipped gradient can be
+        corrected afterwards by :meth:`correct_clip` (global-norm clipping then speculates;
+        otherwise that group's updates wait until the norm is known). ``False`` here: an
+        optimizer declares its rule by overriding both methods (see
+        :mod:`overlap_sgd.hooks.norm_clip`)."""
+        return False
+
+    def before_speculation(
+        self, group_index: int, params: list[Tensor], cache: dict[str, Any] | None, keys: list[Tensor] | None
+    ) -> Any:
+        """Called just before a speculative update of ``params``: whatever :meth:`correct_clip`
+        will need to know of the state as it was (handed back as ``before``). ``None`` here."""
+        return None
+
+    def correct_clip(
+        self,
+        group_index: int,
+        params: list[Tensor],
+        grads: list[Tensor],
+        coef: float,
+        before: Any = None,
+        keys: list[Tensor] | None = None,
+    ) -> None:
+        """Turn the update that group ``group_index``'s ``params`` just received from
+        ``grads`` into the update they would have received from ``coef * grads``: parameters
+        and state as if the gradients had been clipped first. ``grads`` are still unclipped.
+        ``keys`` as for :meth:`update`."""
+        raise NotImplementedError(f"{type(self).__name__} has no clipping correction")
+
     def _cached_state(self, cache: dict[str, Any], signature: tuple[Any, ...]) -> Any:
         """The state lists kept in ``cache`` if still valid for ``signature``, else ``None``.
 
@@ -399,6 +431,17 @@ def scalar_dtype(fused: bool = False) -> torch.dtype:
     if fused:
         return torch.float32
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def add_scaled(targets: list[Tensor], xs: list[Tensor], alpha: float | Tensor) -> None:
+    """``targets[i] += alpha * xs[i]`` for every ``i``, one multi-tensor call (``alpha`` a
+    number or a 0-dim tensor, e.g. a tensor learning rate, never read on the host)."""
+    if not targets:
+        return
+    if isinstance(alpha, Tensor):
+        torch._foreach_add_(targets, torch._foreach_mul(xs, alpha))
+    else:
+        torch._foreach_add_(targets, xs, alpha=alpha)
 
 
 def new_step(param: Tensor, group: dict[str, Any]) -> Tensor:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim.sgd import sgd
 
-from .base import FunctionalOptimizer, KernelChoice, divide_first, fused_supported, skip_on_host
+from .base import FunctionalOptimizer, KernelChoice, add_scaled, divide_first, fused_supported, skip_on_host
 
 __all__ = ["FunctionalSGD"]
 
@@ -141,3 +141,56 @@ class FunctionalSGD(FunctionalOptimizer):
             for k, buf in zip(keys, bufs):
                 state[k]["momentum_buffer"] = buf
             self._store_state(cache, (True,), bufs)
+
+    # -- global-norm clipping ----------------------------------------------------------------
+    #
+    # torch's SGD step on gradient g, with s = -1 under ``maximize`` and p0 the parameter before:
+    #   d = s*g + wd*p0;  buf = d (new buffer) or momentum*buf + (1 - dampening)*d;
+    #   p = p0 - lr*(d + momentum*buf if nesterov else buf)   (p = p0 - lr*d without momentum).
+    # Clipping replaces g by c*g: d changes by D = s*(c - 1)*g (the weight decay term reads
+    # p0 in both updates and cancels), so buf changes by kb*D and p by -lr*kp*D, with
+    # kb = 1 for a buffer this step created, else 1 - dampening, and kp = 1 + momentum*kb
+    # (nesterov) or kb. Without momentum, p changes by -lr*D.
+
+    def corrects_clip(self, group_index: int) -> bool:
+        return True
+
+    def before_speculation(
+        self, group_index: int, params: list[Tensor], cache: dict[str, Any] | None, keys: list[Tensor] | None
+    ) -> Any:
+        """Which parameters have no momentum buffer yet (this update creates theirs)."""
+        if self.param_groups[group_index]["momentum"] == 0:
+            return None
+        if cache is not None and self._cached_state(cache, (True,)) is not None:
+            return None  # every buffer exists
+        state = self.state
+        fresh = [state[k].get("momentum_buffer") is None if k in state else True for k in (keys or params)]
+        return fresh if any(fresh) else None
+
+    def correct_clip(
+        self,
+        group_index: int,
+        params: list[Tensor],
+        grads: list[Tensor],
+        coef: float,
+        before: Any = None,
+        keys: list[Tensor] | None = None,
+    ) -> None:
+        group = self.param_groups[group_index]
+        lr, momentum = group["lr"], group["momentum"]
+        k = (1.0 - coef) if group["maximize"] else (coef - 1.0)  # D = k * g
+        if momentum == 0:
+            add_scaled(params, grads, -lr * k)
+            return
+        state = self.state
+        bufs = [state[key]["momentum_buffer"] for key in (keys or params)]
+        fresh = before if before is not None else [False] * len(params)
+        for new in (False, True):
+            idx = [i for i, f in enumerate(fresh) if f == new]
+            if not idx:
+                continue
+            kb = 1.0 if new else 1.0 - group["dampening"]
+            kp = 1.0 + momentum * kb if group["nesterov"] else kb
+            g = [grads[i] for i in idx]
+            add_scaled([bufs[i] for i in idx], g, kb * k)
+            add_scaled([params[i] for i in idx], g, -lr * (kp * k))

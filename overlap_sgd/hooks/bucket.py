@@ -23,8 +23,9 @@ from torch import Tensor
 from ..functional import FunctionalOptimizer
 from ..functional.base import dense, divide
 from .clip import GradClip
+from .norm_clip import GlobalClipper
 
-__all__ = ["BucketPlan", "Owner", "Part", "Segment"]
+__all__ = ["BucketPlan", "Owner", "Part", "Segment", "clip_inputs"]
 
 #: ``owner(param) -> (optimizer_index, group_index)`` or ``None`` for a parameter no optimizer holds.
 Owner = Callable[[Tensor], "tuple[int, int] | None"]
@@ -245,6 +246,7 @@ class BucketPlan:
         part: Part | None = None,
         grad_scale: Tensor | None = None,
         found_inf: Tensor | None = None,
+        clipper: GlobalClipper | None = None,
     ) -> None:
         """Update every segment (of ``part``, if given) with the gradients in ``result``.
 
@@ -262,14 +264,18 @@ class BucketPlan:
 
         ``found_inf`` (a device flag from :meth:`non_finite`) skips every update where it is
         set (see :meth:`~overlap_sgd.functional.base.FunctionalOptimizer.update`).
+
+        ``clipper`` (global-norm clipping) runs or keeps each segment's update
+        (:meth:`~overlap_sgd.hooks.norm_clip.GlobalClipper.update`); ``result`` must then
+        hold averaged gradients.
         """
         views = self.views(result)
         segments = self.segments if part is None else part.segments
-        if grad_scale is not None and (clip is not None or used is not None):
+        if grad_scale is not None and (clip is not None or used is not None or clipper is not None):
             self.divide(result, grad_scale, part)
             grad_scale = None
         if used is not None:
-            self._run_partial(segments, views, used, clip, found_inf)
+            self._run_partial(segments, views, used, clip, found_inf, clipper)
             return
         skip = {} if found_inf is None else {"found_inf": found_inf}
         unowned = self.unowned(part) if grad_scale is not None else ()
@@ -284,7 +290,10 @@ class BucketPlan:
                 if clip is not None:
                     clip.apply(grads)
                 seg.cache.pop("divided", None)
-                seg.optimizer.update(seg.group_index, seg.params, grads, seg.cache, grad_scale=grad_scale, **skip)
+                if clipper is not None:
+                    clipper.update(seg.optimizer, seg.group_index, seg.params, grads, seg.cache, found_inf=found_inf)
+                else:
+                    seg.optimizer.update(seg.group_index, seg.params, grads, seg.cache, grad_scale=grad_scale, **skip)
                 done += 1
         except BaseException:
             if grad_scale is not None:
@@ -368,6 +377,7 @@ class BucketPlan:
         used: list[int],
         clip: GradClip | None,
         found_inf: Tensor | None = None,
+        clipper: GlobalClipper | None = None,
     ) -> None:
         for seg in segments:
             params, grads = [], []
@@ -381,6 +391,9 @@ class BucketPlan:
             if params:
                 if clip is not None:
                     clip.apply(grads)
+                if clipper is not None:
+                    clipper.update(seg.optimizer, seg.group_index, params, grads, None, found_inf=found_inf)
+                    continue
                 skip = {} if found_inf is None else {"found_inf": found_inf}
                 seg.optimizer.update(seg.group_index, params, grads, None, **skip)
 
@@ -436,3 +449,20 @@ def _key(t: Tensor) -> tuple[Any, ...] | None:
     if t.is_sparse:
         return None
     return (t.data_ptr(), t.numel(), t.dtype, t.device)
+
+
+def clip_inputs(plan: BucketPlan, views: list[Tensor], used: list[int] | None, positions: Any) -> tuple[list[Tensor], list[Tensor]]:
+    """The (parameter, gradient) pairs of ``plan``'s bucket at ``positions`` that count towards
+    the global norm, as ``clip_grad_norm_`` would find them in ``.grad`` after backward: the
+    communicated gradient, or, for a parameter no rank used, its ``.grad`` if it has one."""
+    params: list[Tensor] = []
+    grads: list[Tensor] = []
+    for pos in positions:
+        p = plan.params[pos]
+        if used is None or used[pos]:
+            params.append(p)
+            grads.append(views[pos])
+        elif p.grad is not None:
+            params.append(p)
+            grads.append(p.grad)
+    return params, grads

@@ -1,13 +1,14 @@
 """Gradient clipping that can be done correctly inside a bucket update.
 
-Clipping by the *global* norm needs every gradient of the model, so it can only run after the
-last bucket, when the earlier buckets' parameters have long been updated. What a bucket update
-can do exactly is clip each parameter's gradient on its own:
+Clipping by the *global* norm needs every gradient of the model: that is
+:mod:`overlap_sgd.hooks.norm_clip` (``overlap(..., clip_grad_norm=...)``). What a bucket update
+can do on its own, exactly, is clip each parameter's gradient separately:
 
 - ``value``: clamp every gradient element to ``[-value, value]``
   (``torch.nn.utils.clip_grad_value_`` applied to each parameter);
 - ``norm``: rescale each parameter's gradient whose L2 norm exceeds ``norm`` down to ``norm``
-  (``torch.nn.utils.clip_grad_norm_([p], norm)`` applied to each parameter separately).
+  (``torch.nn.utils.clip_grad_norm_([p], norm)`` applied to each parameter separately;
+  ``overlap(..., clip_grad_norm_per_param=...)``).
 
 Both act on the communicated (averaged) gradient, value first, and in place, so the gradients
 left in ``param.grad`` after ``backward()`` are the clipped ones the update used. Sparse
@@ -40,14 +41,14 @@ class GradClip:
     norm: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("value", "norm"):
+        for name, option in (("value", "clip_grad_value"), ("norm", "clip_grad_norm_per_param")):
             v = getattr(self, name)
             if v is None:
                 continue
             if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise TypeError(f"clip_grad_{name} must be a number or None, got {type(v).__name__}")
+                raise TypeError(f"{option} must be a number or None, got {type(v).__name__}")
             if not v > 0:
-                raise ValueError(f"clip_grad_{name} must be positive, got {v}")
+                raise ValueError(f"{option} must be positive, got {v}")
 
     @property
     def active(self) -> bool:

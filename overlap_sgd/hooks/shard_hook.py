@@ -48,7 +48,7 @@ from torch import Tensor
 from torch.futures import Future
 
 from ..functional import FunctionalOptimizer
-from .bucket import BucketPlan, Part
+from .bucket import BucketPlan, Part, clip_inputs
 from .collectives import Sequencer, Waiter, all_gather, all_reduce, broadcast, reduce_scatter
 from .executor import Executor, StreamExecutor
 from .futures import Completion, gather, labelled, when_all
@@ -84,6 +84,8 @@ class ShardHookState(HookState):
         **options: Any,
     ):
         super().__init__(optimizers, **options)
+        if self.clipper is not None:
+            self.clipper.sharded = True  # pieces of gradients: the norm is summed over the ranks
         self.gather_group = gather_group
         self.by_params = by_params
         self.rank = dist.get_rank(self.process_group)
@@ -275,6 +277,8 @@ def _by_elements(
                 used_flags = plan.unused_flags(local, reduced)
                 found = None if flags is None else state.finite.verdict_of_flags(plan, flags)
                 _update_pieces(state, plan, layout, shard, used_flags, scale, found)
+                if state.clipper is not None:
+                    state.clipper.after_settle(plan.index, lambda: _regather_elements(state, plan, layout))
         except Exception as exc:
             state.record_error(exc)
         finally:
@@ -305,16 +309,18 @@ def _update_pieces(
     """Update this rank's pieces: one kernel call per (optimizer, param group). ``scale``: the
     shard holds sums, to be divided by it (``None``: averaged already)."""
     grads = layout.grads(shard)
-    clip = state.clip
+    clip, clipper = state.clip, state.clipper
     if scale is None:
         pass
-    elif clip is not None or used is not None or found is not None:
+    elif clip is not None or used is not None or found is not None or clipper is not None:
         shard.div_(scale)  # averaged first: clipping and skipping need the true gradients
         scale = None
     else:  # the fused kernels average the rest; a piece no optimizer updates is averaged here
         rest = [grads[pc.pos] for pc in layout.pieces if pc.pos not in layout.owned]
         if rest:
             torch._foreach_div_(rest, scale)
+    if clipper is not None:
+        clipper.observe_pieces(_norm_pieces(plan, layout, grads, used))
     for seg in layout.segments:
         params, gs, keys = [], [], []
         for pc, view, key in zip(seg.pieces, seg.params, seg.keys):
@@ -330,13 +336,44 @@ def _update_pieces(
             continue
         if clip is not None:
             clip.apply(gs)
+        cache = seg.cache if len(params) == len(seg.params) else None
+        if clipper is not None:
+            clipper.update(seg.optimizer, seg.group_index, params, gs, cache, keys=keys, found_inf=found)
+            continue
         options: dict[str, Any] = {"keys": keys}
         if scale is not None:
             options["grad_scale"] = scale
         if found is not None:
             options["found_inf"] = found
-        cache = seg.cache if len(params) == len(seg.params) else None
         seg.optimizer.update(seg.group_index, params, gs, cache, **options)
+
+
+def _norm_pieces(
+    plan: BucketPlan, layout: ElementLayout, grads: dict[int, Tensor], used: Optional[list[int]]
+) -> list[Tensor]:
+    """This rank's pieces of the gradients that count towards the global norm: every piece of
+    its range (an optimizer's or not), or for a parameter no rank used, its ``.grad``'s piece."""
+    out = []
+    for pc in layout.pieces:
+        if used is None or used[pc.pos]:
+            out.append(grads[pc.pos])
+        else:
+            g = plan.params[pc.pos].grad
+            if g is not None:
+                out.append(flat(g)[pc.lo : pc.hi])
+    return out
+
+
+def _regather_elements(state: ShardHookState, plan: BucketPlan, layout: ElementLayout) -> None:
+    """After ``step()`` corrected or ran this rank's updates of the bucket: gather every
+    rank's range of the updated parameters again and copy the others' into place."""
+    out = torch.empty(plan.numel, dtype=plan.dtype, device=plan.device)
+    layout.pack(out[layout.start : layout.stop], state._grad_shards[plan.index])
+    for f in _gather_ranges(state, layout, out):
+        f.wait()
+    targets, sources = _other_ranges(plan, layout, out)
+    if targets:
+        torch._foreach_copy_(targets, sources)
 
 
 def _hand_out_pieces(
@@ -370,32 +407,46 @@ def _hand_out_pieces(
     state.handout.keep((plan.index, -1), pairs)
 
 
+def _gather_ranges(state: ShardHookState, layout: ElementLayout, out: Tensor) -> list[Future]:
+    """Launch the all-gather of every rank's range of the bucket into ``out`` (whose own
+    range this rank has filled)."""
+    world, chunk, tail = layout.world, layout.chunk, layout.tail
+    main = world * chunk
+    futures = []
+    if chunk:
+        mine = out[layout.start : layout.start + chunk]
+        futures.append(all_gather(out[:main], mine, state.gather_group, state.waiter))
+    if tail:
+        futures.append(broadcast(out[main:], world - 1, state.gather_group))
+    return futures
+
+
+def _other_ranges(plan: BucketPlan, layout: ElementLayout, out: Tensor) -> "tuple[list[Tensor], list[Tensor]]":
+    """The parts of updated parameters outside this rank's range, and their values in the
+    gathered bucket ``out`` (each parameter in its memory order)."""
+    targets, sources = [], []
+    offset = 0
+    for pos, p in enumerate(plan.params):
+        n = p.numel()
+        if pos in layout.owned:
+            for lo, hi in ((0, min(n, layout.start - offset)), (max(0, layout.stop - offset), n)):
+                if lo < hi:
+                    targets.append(flat(p)[lo:hi])
+                    sources.append(out[offset + lo : offset + hi])
+        offset += n
+    return targets, sources
+
+
 def _gather_elements(
     state: ShardHookState, plan: BucketPlan, layout: ElementLayout, buffer: Tensor, executor: Executor,
     done: Completion, used: Optional[list[int]],
 ) -> None:
     """All-gather the updated ranges into the bucket, then copy them into the parameters."""
     try:
-        world, chunk, tail = layout.world, layout.chunk, layout.tail
-        main = world * chunk
-        futures = []
-        if chunk:
-            mine = buffer[layout.start : layout.start + chunk]
-            futures.append(all_gather(buffer[:main], mine, state.gather_group, state.waiter))
-        if tail:
-            futures.append(broadcast(buffer[main:], world - 1, state.gather_group))
+        futures = _gather_ranges(state, layout, buffer)
         views = plan.views(buffer)
         # Only the other ranks' ranges: this rank's update wrote its own into the parameters.
-        targets, sources = [], []
-        offset = 0
-        for pos, p in enumerate(plan.params):
-            n = p.numel()
-            if pos in layout.owned:
-                for lo, hi in ((0, min(n, layout.start - offset)), (max(0, layout.stop - offset), n)):
-                    if lo < hi:
-                        targets.append(flat(p)[lo:hi])
-                        sources.append(flat(views[pos])[lo:hi])
-            offset += n
+        targets, sources = _other_ranges(plan, layout, buffer)
         unowned = [pos for pos in range(len(plan.params)) if pos not in layout.owned]
 
         def copy_out(result: Tensor, _flags: Optional[Tensor]) -> None:
@@ -434,11 +485,20 @@ def _by_params(
                 found = None
                 if state.finite is not None:
                     found = state.finite.verdict(plan, result)
-                if state.clip is not None and others:
+                if state.clipper is not None:
+                    params, grads = clip_inputs(plan, plan.views(result), used_flags, range(len(plan.params)))
+                    if state.clip is not None:
+                        state.clip.apply(grads)
+                    state.clipper.observe_whole(params, grads)
+                    plan.run(result, used_flags, None, part, None, found, state.clipper)
+                    state.clipper.after_settle(plan.index, lambda: _regather_params(state, plan, layout))
+                elif state.clip is not None and others:
                     # Their owners clip them before their update; so does every rank's .grad.
                     views = plan.views(result)
                     state.clip.apply([views[pos] for pos in others if used_flags is None or used_flags[pos]])
-                plan.run(result, used_flags, state.clip, part, None, found)
+                    plan.run(result, used_flags, state.clip, part, None, found)
+                else:
+                    plan.run(result, used_flags, state.clip, part, None, found)
         except Exception as exc:
             state.record_error(exc)
         finally:
@@ -484,6 +544,35 @@ def _pack_owned(plan: BucketPlan, layout: ParamLayout) -> Tensor:
     return out
 
 
+def _regather_params(state: ShardHookState, plan: BucketPlan, layout: ParamLayout) -> None:
+    """After ``step()`` corrected or ran this rank's updates of the bucket: gather the owners'
+    parameters again and copy the others' into place."""
+    slot = layout.slot
+    if not slot:
+        return
+    everything = torch.empty(slot * layout.world, dtype=plan.dtype, device=plan.device)
+    all_gather(everything, _pack_owned(plan, layout), state.gather_group, state.waiter).wait()
+    targets, sources = _others(plan, layout, everything)
+    if targets:
+        torch._foreach_copy_(targets, sources)
+
+
+def _others(plan: BucketPlan, layout: ParamLayout, everything: Tensor) -> "tuple[list[Tensor], list[Tensor]]":
+    """The other ranks' parameters of the bucket, and their values in the all-gathered
+    ``everything`` (one slot per rank)."""
+    targets, sources = [], []
+    for r, positions in enumerate(layout.positions):
+        if r == layout.rank:
+            continue
+        offset = r * layout.slot
+        for pos in positions:
+            n = plan.params[pos].numel()
+            targets.append(flat(plan.params[pos]))
+            sources.append(everything[offset : offset + n])
+            offset += n
+    return targets, sources
+
+
 def _gather_params(
     state: ShardHookState, plan: BucketPlan, layout: ParamLayout, mine: Tensor, result: Tensor,
     executor: Executor, done: Completion,
@@ -493,16 +582,7 @@ def _gather_params(
         slot = layout.slot
         everything = torch.empty(slot * layout.world, dtype=plan.dtype, device=plan.device)
         landed = all_gather(everything, mine, state.gather_group, state.waiter) if slot else None
-        targets, sources = [], []
-        for r, positions in enumerate(layout.positions):
-            if r == layout.rank:
-                continue
-            offset = r * slot
-            for pos in positions:
-                n = plan.params[pos].numel()
-                targets.append(flat(plan.params[pos]))
-                sources.append(everything[offset : offset + n])
-                offset += n
+        targets, sources = _others(plan, layout, everything)
 
         def copy_out(_result: Tensor, _flags: Optional[Tensor]) -> None:
             if targets:

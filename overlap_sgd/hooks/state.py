@@ -27,6 +27,7 @@ from .clip import GradClip
 from .errors import ErrorHandoff
 from .executor import Executor, make_executor
 from .finite import FiniteCheck, NonFiniteGradientError
+from .norm_clip import ClipGradNorm, GlobalClipper
 from .handout import GradHandout
 from .plans import PlanBook
 from .steps import StepLedger
@@ -57,6 +58,9 @@ class HookState:
             ``step()`` acknowledged (:meth:`acknowledge_step`). :func:`overlap_sgd.overlap`
             turns it on, since its ``OverlappedOptimizer.step()`` acknowledges; a hook
             registered by hand has nothing to acknowledge with, so the default is off.
+        norm_clip: clip the global gradient norm as ``clip_grad_norm_`` would
+            (:class:`~overlap_sgd.hooks.norm_clip.ClipGradNorm`), settled by
+            :meth:`settle_clip` in ``step()``.
         grad_views: hand the averaged gradients out as ``.grad`` views into the buckets
             (:mod:`overlap_sgd.hooks.handout`). Only correct together with the DDP reducer's
             optimizer-in-backward mode and :meth:`reclaim_grads` before each forward;
@@ -76,6 +80,7 @@ class HookState:
         clip: GradClip | None = None,
         require_step: bool = False,
         grad_views: bool = False,
+        norm_clip: ClipGradNorm | None = None,
     ):
         self.optimizers = list(optimizers)
         self.process_group = process_group
@@ -87,6 +92,12 @@ class HookState:
             self.finite = FiniteCheck(where, deferrable=require_step)
         self.require_step = require_step
         self.clip = clip if clip is not None and clip.active else None
+        #: Global-norm clipping (:mod:`overlap_sgd.hooks.norm_clip`), or ``None``.
+        self.clipper: GlobalClipper | None = None
+        if norm_clip is not None:
+            self.clipper = GlobalClipper(
+                norm_clip, params, self.optimizers, process_group, force_defer=bool(check_finite)
+            )
         self.used = UsedTracker(params) if track_unused else None
         self.book = PlanBook(self.optimizers, self.names, self.used)
         self.ledger = StepLedger(len(self.optimizers), require_step)
@@ -184,6 +195,8 @@ class HookState:
         self.ledger.begin()
         if self.finite is not None:
             self.finite.discard()
+        if self.clipper is not None:
+            self.clipper.begin()
         self.errors.take()  # left by a backward whose end DDP never reached (it raised first)
         self.errors.at_end_of_backward(self._end_of_backward)
         executor.hold()
@@ -194,6 +207,8 @@ class HookState:
         if exc is not None:
             if self.finite is not None:
                 self.finite.discard()
+            if self.clipper is not None:
+                self.clipper.discard()
             self.ledger.forgive()  # the loop will not reach step() for this backward
             raise exc
 
@@ -212,6 +227,20 @@ class HookState:
             except NonFiniteGradientError:
                 self.ledger.forgive()  # the loop may not reach the other optimizers' step()
                 raise
+
+    def settle_clip(self, max_norm: float | None = None) -> Tensor | None:
+        """Finish the last backward's global-norm clipping, once (see
+        :meth:`~overlap_sgd.hooks.norm_clip.GlobalClipper.settle`); a no-op without it.
+        Returns the total gradient norm."""
+        if self.clipper is None:
+            return None
+        if not self.clipper.pending:
+            return self.clipper.total_norm
+        try:
+            return self.clipper.settle(max_norm)
+        finally:
+            # .grad now holds what clip_grad_norm_ leaves: not a change made by the loop.
+            self.handout.record_probe(self.book.plans)
 
     # -- .grad -------------------------------------------------------------------------------
 

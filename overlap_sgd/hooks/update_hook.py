@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from ..functional import FunctionalOptimizer
-from .bucket import BucketPlan, Part
+from .bucket import BucketPlan, Part, clip_inputs
 from .executor import Executor
 from .finite import NonFiniteGradientError
 from .futures import gather, labelled
@@ -178,7 +178,7 @@ def _updater(
     communication summed the gradients, and the update averages them.
     """
     local = None if used_launch is None else used_launch.local
-    finite, clip = state.finite, state.clip
+    finite, clip, clipper = state.finite, state.clip, state.clipper
     label = f"bucket{plan.index}/update" if part is None else f"bucket{plan.index}/update@{part.start}"
 
     def update(result: Tensor, flags: Optional[Tensor]) -> None:
@@ -187,12 +187,19 @@ def _updater(
         with labelled(label):
             try:
                 found = None
+                if scale is not None and (finite is not None or clipper is not None):
+                    plan.divide(result, scale, part)
+                    scale = None
                 if finite is not None:
-                    if scale is not None:
-                        plan.divide(result, scale, part)
-                        scale = None
                     found = finite.verdict(plan, result)
-                plan.run(result, used, clip, part, scale, found)
+                if clipper is None:
+                    plan.run(result, used, clip, part, scale, found)
+                else:
+                    params, grads = clip_inputs(plan, plan.views(result), used, plan.positions(part))
+                    if clip is not None:
+                        clip.apply(grads)
+                    clipper.observe_whole(params, grads)
+                    plan.run(result, used, None, part, None, found, clipper)
             except Exception as exc:
                 # Kept, not raised here: the bucket's future still completes, so DDP finishes
                 # the backward pass cleanly, and the error is raised with its own type at its end.

@@ -1,0 +1,392 @@
+"""Exact global-norm gradient clipping with the update still inside backward.
+
+``torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)`` scales every gradient by
+``min(max_norm / (total_norm + 1e-6), 1)``, where ``total_norm`` needs every bucket of the
+model, while the overlap updates a bucket the moment its own communication lands. Two ways
+to have both, chosen per step:
+
+- **speculate**: each bucket is updated as it lands with the unclipped gradient, and its
+  gradients' norms are kept on the device (no host synchronisation in backward). At
+  ``step()`` the total norm is read once; where it exceeds ``max_norm`` every speculative
+  update is corrected to what the update with the clipped gradient would have given, from
+  what is still at hand: the updated parameter and state, the averaged gradient in the
+  bucket and the coefficient (each optimizer's rule:
+  :meth:`~overlap_sgd.functional.FunctionalOptimizer.correct_clip`). Where it does not,
+  nothing more runs, and training is bit-identical to ``clip_grad_norm_`` followed by the
+  post-backward step with the same kernel (torch multiplies by exactly 1.0 then).
+- **defer**: the updates of this step wait until the norm is known; ``step()`` then scales
+  the gradients and runs every bucket's update, as a post-backward step would. No
+  correction, no overlap for that step.
+
+The policy (:class:`ClipGradNorm`'s ``policy``): ``"speculate"``, ``"defer"``, or ``"auto"``,
+which speculates unless clipping fired on at least :data:`AUTO_DEFER_FRACTION` of the
+last :data:`AUTO_WINDOW` steps (a correction costs about one more optimizer pass, exposed;
+deferring exposes one whole step, so speculating pays while most steps do not clip).
+Optimizers without a correction rule (Adagrad, RMSprop, Muon, ``amsgrad=True``, the generic
+path) always run deferred; ``error_if_nonfinite=True`` and ``check_finite`` do too, since
+they promise that no parameter moves when a gradient is not finite.
+
+The norm: in unsharded training each rank has every averaged gradient, and the per-parameter
+norms are combined in ``model.parameters()`` order exactly as ``clip_grad_norm_`` combines
+them, so the total norm is bit-identical to it. In sharded training each rank holds pieces:
+their ``p``-th powers are summed over the ranks with one all-reduce in ``step()``, equal
+within rounding.
+
+Example:
+    >>> ClipGradNorm(1.0).policy
+    'auto'
+    >>> ClipGradNorm(1.0, norm_type="inf").norm_type
+    inf
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["AUTO_DEFER_FRACTION", "AUTO_WINDOW", "POLICIES", "ClipGradNorm", "GlobalClipper"]
+
+#: The clipping policies: see the module docs.
+POLICIES = ("auto", "speculate", "defer")
+#: ``"auto"`` looks back this many steps ...
+AUTO_WINDOW = 8
+#: ... and defers while clipping fired on at least this fraction of them.
+AUTO_DEFER_FRACTION = 0.5
+
+
+@dataclass(frozen=True)
+class ClipGradNorm:
+    """Global-norm clipping options, as ``torch.nn.utils.clip_grad_norm_`` takes them.
+
+    Args:
+        max_norm: the largest total gradient norm; larger gradients are scaled down to it.
+        norm_type: the p of the p-norm (``2.0``; ``float("inf")`` or ``"inf"`` for the max-norm).
+        error_if_nonfinite: raise ``RuntimeError`` from ``step()`` when the total norm is
+            inf/NaN, with no parameter moved (runs every step deferred to keep that promise).
+        policy: ``"auto"``, ``"speculate"`` or ``"defer"`` (see the module docs).
+    """
+
+    max_norm: float
+    norm_type: float = 2.0
+    error_if_nonfinite: bool = False
+    policy: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_max_norm(self.max_norm, "clip_grad_norm")
+        norm_type = self.norm_type
+        if isinstance(norm_type, str) and norm_type.lower() in ("inf", "infinity"):
+            norm_type = math.inf
+        if isinstance(norm_type, bool) or not isinstance(norm_type, (int, float)):
+            raise TypeError(f"norm_type must be a number or 'inf', got {self.norm_type!r}")
+        if not norm_type > 0:
+            raise ValueError(f"norm_type must be positive, got {self.norm_type!r}")
+        object.__setattr__(self, "norm_type", float(norm_type))
+        if not isinstance(self.error_if_nonfinite, bool):
+            raise TypeError(f"error_if_nonfinite must be a bool, got {type(self.error_if_nonfinite).__name__}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+
+    @classmethod
+    def of(cls, value: "float | ClipGradNorm | None") -> "ClipGradNorm | None":
+        """``value`` as options: a number is ``max_norm``, ``None`` is no clipping."""
+        if value is None or isinstance(value, ClipGradNorm):
+            return value
+        return cls(value)
+
+
+def check_max_norm(value: Any, name: str) -> float:
+    """``value`` as a positive finite float, or ``TypeError``/``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number or None, got {type(value).__name__}")
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be positive and finite, got {value}")
+    return float(value)
+
+
+@dataclass
+class Entry:
+    """One kernel call's worth of a bucket update: what ``step()`` needs to correct it
+    (speculated) or to run it (deferred)."""
+
+    optimizer: Any
+    group_index: int
+    params: list[Tensor]
+    grads: list[Tensor]
+    cache: dict[str, Any] | None
+    keys: list[Tensor] | None
+    found_inf: Tensor | None
+    deferred: bool
+    before: Any = None
+
+
+@dataclass
+class _Step:
+    """What one synchronising backward left for ``step()``."""
+
+    deferring: bool
+    entries: list[Entry] = field(default_factory=list)
+    #: (model-order index, norm) of gradients every rank holds whole.
+    whole: list[tuple[int, Tensor]] = field(default_factory=list)
+    #: Norms of gradient pieces this rank holds (sharded training).
+    pieces: list[Tensor] = field(default_factory=list)
+    #: (bucket index, callback) run after the corrections or deferred updates (sharded
+    #: training: gather the updated pieces to every rank), in bucket order.
+    after: list[tuple[int, Callable[[], None]]] = field(default_factory=list)
+
+
+class GlobalClipper:
+    """The global-norm clipping of one overlapped model; see the module docs.
+
+    Args:
+        options: the clipping options.
+        params: the model's trainable parameters, in ``model.parameters()`` order.
+        optimizers: the functional optimizers (to know which groups can be corrected).
+        process_group: the model's process group (sharded training sums the norms over it).
+        sharded: every rank holds only pieces of some gradients.
+        force_defer: run every step deferred (``check_finite``).
+    """
+
+    def __init__(
+        self,
+        options: ClipGradNorm,
+        params: Sequence[Tensor],
+        optimizers: Sequence[Any],
+        process_group: Any = None,
+        sharded: bool = False,
+        force_defer: bool = False,
+    ):
+        self.options = options
+        self.order = {id(p): i for i, p in enumerate(params)}
+        self.params = list(params)
+        self.optimizers = list(optimizers)
+        self.process_group = process_group
+        self.sharded = sharded
+        self.force_defer = force_defer or options.error_if_nonfinite or options.policy == "defer"
+        #: A non-finite norm skips the whole step (``check_finite``) instead of scaling by it.
+        self.skip_nonfinite = force_defer
+        self.history: collections.deque[bool] = collections.deque(maxlen=AUTO_WINDOW)
+        self._lock = threading.Lock()
+        self._step: _Step | None = None
+        #: The last settled step's total norm (0-dim tensor) and whether it clipped.
+        self.total_norm: Tensor | None = None
+        self.clipped = False
+        #: Steps that clipped, and steps that ran deferred, since the start.
+        self.clipped_steps = 0
+        self.deferred_steps = 0
+        self.corrected_steps = 0
+
+    # -- what a resumed run needs ------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The policy's memory (which recent steps clipped) and the counters: a run resumed
+        from them chooses speculate or defer as the run that never stopped would, so that it
+        rounds alike."""
+        return {"history": [bool(f) for f in self.history], "clipped_steps": self.clipped_steps,
+                "deferred_steps": self.deferred_steps, "corrected_steps": self.corrected_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        history = state.get("history")
+        if not isinstance(history, (list, tuple)) or not all(isinstance(f, bool) for f in history):
+            raise ValueError(f"a clipping state needs a 'history' list of bools, got {history!r}")
+        self.history = collections.deque(history, maxlen=AUTO_WINDOW)
+        for key in ("clipped_steps", "deferred_steps", "corrected_steps"):
+            setattr(self, key, int(state.get(key, 0)))
+
+    # -- one backward ------------------------------------------------------------------------
+
+    def begin(self) -> None:
+        """A synchronising backward starts: choose speculate or defer for it."""
+        self._step = _Step(deferring=self.deferring_next())
+
+    def deferring_next(self) -> bool:
+        """Whether the next step runs deferred (the same answer on every rank)."""
+        if self.force_defer:
+            return True
+        if self.options.policy == "speculate" or not self.history:
+            return False
+        return sum(self.history) >= AUTO_DEFER_FRACTION * len(self.history)
+
+    def discard(self) -> None:
+        """Forget the step (its backward raised: the loop will not reach ``step()``)."""
+        self._step = None
+
+    @property
+    def pending(self) -> bool:
+        """A synchronising backward ran whose clipping ``step()`` has not settled yet."""
+        return self._step is not None
+
+    @property
+    def norm_type(self) -> float:
+        return self.options.norm_type
+
+    def observe_whole(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+        """The gradients ``grads`` of ``params`` (whole, averaged, identical on every rank)."""
+        step = self._step
+        if step is None or not grads:
+            return
+        norms = torch._foreach_norm(list(grads), self.norm_type)
+        order = self.order
+        pairs = [(order.get(id(p), -1), n) for p, n in zip(params, norms)]
+        with self._lock:
+            step.whole.extend(pairs)
+
+    def observe_pieces(self, grads: Sequence[Tensor]) -> None:
+        """Pieces of averaged gradients that this rank alone holds (sharded training)."""
+        step = self._step
+        if step is None or not grads:
+            return
+        norms = torch._foreach_norm(list(grads), self.norm_type)
+        with self._lock:
+            step.pieces.extend(norms)
+
+    def after_settle(self, bucket: int, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once the step's corrections or deferred updates have run."""
+        step = self._step
+        if step is not None:
+            with self._lock:
+                step.after.append((bucket, callback))
+
+    def update(
+        self,
+        optimizer: Any,
+        group_index: int,
+        params: list[Tensor],
+        grads: list[Tensor],
+        cache: dict[str, Any] | None = None,
+        keys: list[Tensor] | None = None,
+        found_inf: Tensor | None = None,
+    ) -> None:
+        """A bucket's update of one param group: run it now (speculating) or keep it for
+        ``step()`` (deferring, or an optimizer without a correction rule)."""
+        step = self._step
+        extra: dict[str, Any] = {}
+        if keys is not None:
+            extra["keys"] = keys
+        if found_inf is not None:
+            extra["found_inf"] = found_inf
+        if step is None:  # not a clipped step (a hook used by hand): plain update
+            optimizer.update(group_index, params, grads, cache, **extra)
+            return
+        deferred = step.deferring or not optimizer.corrects_clip(group_index)
+        entry = Entry(optimizer, group_index, params, grads, cache, keys, found_inf, deferred)
+        if not deferred:
+            entry.before = optimizer.before_speculation(group_index, params, cache, keys)
+            optimizer.update(group_index, params, grads, cache, **extra)
+        with self._lock:
+            step.entries.append(entry)
+
+    # -- step() ------------------------------------------------------------------------------
+
+    def settle(self, max_norm: float | None = None) -> Tensor | None:
+        """Finish the last backward's clipping (once; later calls return the same norm).
+
+        Reads the total norm on the host once; where it exceeds ``max_norm`` (default: the
+        configured one) corrects the speculative updates and scales the gradients; runs the
+        deferred updates. Returns the total norm as a 0-dim tensor, or ``None`` when no
+        synchronising backward ran since the last settle (and none before it).
+        """
+        step, self._step = self._step, None
+        if step is None:
+            return self.total_norm
+        max_norm = self.options.max_norm if max_norm is None else max_norm
+        total = self._total(step)
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        # The step's one read on the host: the norm and the coefficient together.
+        norm_value, value = torch.stack([total.detach().float(), coef.detach().float()]).tolist()
+        if not math.isfinite(norm_value) and self.skip_nonfinite:
+            # check_finite: nothing moves; the non-finite check raises from step().
+            self.total_norm, self.clipped = total, False
+            return total
+        if self.options.error_if_nonfinite and not math.isfinite(norm_value):
+            raise RuntimeError(
+                f"The total norm of order {self.norm_type} for gradients from `parameters` is "
+                "non-finite, so it cannot be clipped; no parameter was updated for this step. "
+                "To scale the gradients by the non-finite norm anyway, set "
+                "error_if_nonfinite=False"
+            )
+        fired = not value >= 1.0
+        with torch.no_grad():
+            if fired:
+                for e in step.entries:
+                    if not e.deferred:
+                        e.optimizer.correct_clip(e.group_index, e.params, e.grads, value, e.before, e.keys)
+                self._scale_grads(step, coef)
+            for e in step.entries:
+                if e.deferred:
+                    extra: dict[str, Any] = {}
+                    if e.keys is not None:
+                        extra["keys"] = e.keys
+                    if e.found_inf is not None:
+                        extra["found_inf"] = e.found_inf
+                    e.optimizer.update(e.group_index, e.params, e.grads, e.cache, **extra)
+            if fired or self._any_deferred(step):
+                for _, callback in sorted(step.after, key=lambda pair: pair[0]):
+                    callback()
+        self.history.append(fired)
+        self.total_norm, self.clipped = total, fired
+        self.clipped_steps += fired
+        self.deferred_steps += self._any_deferred(step)
+        self.corrected_steps += fired and not step.deferring
+        return total
+
+    def _any_deferred(self, step: _Step) -> bool:
+        """Whether some update of this step ran deferred on some rank (decided alike on all)."""
+        if step.deferring:
+            return True
+        return not all(
+            f.corrects_clip(gi) for f in self.optimizers for gi in range(len(f.param_groups))
+        )
+
+    def _total(self, step: _Step) -> Tensor:
+        p = self.norm_type
+        whole = [n for _, n in sorted(step.whole, key=lambda pair: pair[0])]
+        device = self.params[0].device if self.params else torch.device("cpu")
+        if not self.sharded:
+            if not whole:
+                return torch.zeros((), device=device)
+            return torch.linalg.vector_norm(torch.stack([n.to(whole[0].device) for n in whole]), p)
+        local = torch.zeros((), dtype=torch.float32, device=device)
+        if step.pieces:
+            local = torch.linalg.vector_norm(torch.stack([n.to(device, torch.float32) for n in step.pieces]), p)
+        if p == math.inf:
+            dist.all_reduce(local, op=dist.ReduceOp.MAX, group=self.process_group)
+            total = local
+            if whole:
+                total = torch.maximum(total, torch.stack([n.to(device, torch.float32) for n in whole]).amax())
+            return total
+        power = local.pow(p)
+        dist.all_reduce(power, group=self.process_group)
+        if whole:
+            power = power + torch.stack([n.to(device, torch.float32) for n in whole]).pow(p).sum()
+        return power.pow(1.0 / p)
+
+    def _scale_grads(self, step: _Step, coef: Tensor) -> None:
+        """Leave ``.grad`` (and the bucket gradients the updates read) clipped, as
+        ``clip_grad_norm_`` leaves ``.grad``: each distinct memory scaled once."""
+        taken: dict[int, list[tuple[int, int]]] = {}
+        targets: list[Tensor] = []
+        # .grad first: a piece of a gradient (sharded training) lies inside its .grad.
+        for t in [p.grad for p in self.params] + [g for e in step.entries for g in e.grads]:
+            if t is None or t.is_sparse:
+                continue
+            storage = t.untyped_storage().data_ptr()
+            lo = t.data_ptr()
+            hi = lo + t.numel() * t.element_size()
+            spans = taken.setdefault(storage, [])
+            if any(a <= lo and hi <= b for a, b in spans):
+                continue
+            spans.append((lo, hi))
+            targets.append(t)
+        by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        for t in targets:
+            by_kind.setdefault((t.device, t.dtype), []).append(t)
+        for (device, _), ts in by_kind.items():
+            torch._foreach_mul_(ts, coef.to(device))
