@@ -6,6 +6,13 @@
 - ``upstream``: ``DistributedDataParallel._register_fused_optim``, PyTorch's own overlap
   (SGD, Adam and AdamW only; it takes no custom comm hook, so no simulated link).
 - ``overlap``: :func:`overlap_sgd.overlap`.
+- ``post-fused+clip``: ``post-fused`` with ``torch.nn.utils.clip_grad_norm_(foreach=True)``
+  between backward and the step: what every transformer loop does.
+- ``overlap+clip``: ``overlap`` with global-norm clipping (``clip_grad_norm=``, the
+  ``ClipGradNorm`` policy of :attr:`ModeContext.clip_policy`) and ``opt.clip_grad_norm_``
+  between backward and the step. Both clip modes take ``max_norm`` from
+  :func:`clip_schedule`: ``"never"`` fires, ``"always"`` fires, or fires on every fourth step
+  (``"sometimes"``).
 - ``zero-post``: ``torch.distributed.optim.ZeroRedundancyOptimizer`` (each rank keeps the
   optimizer state of its share of the parameters; the post-fused kernel), ``step()`` after
   backward: the usual ZeRO-1 loop, which broadcasts every rank's updated parameters after
@@ -59,12 +66,32 @@ from .instrument import InstrumentedExecutor, LabelHookState, labelled_hook
 from .link import LinkedCollectives, LinkHookState, SimulatedLink, link_hook
 from .workloads import loss_fn, make_optimizer, optimizer_spec
 
-__all__ = ["MODES", "SHARDED", "Mode", "ModeContext", "StepRecord", "build_mode", "pick_fast_kernel",
-           "state_bytes"]
+__all__ = ["CLIPPED", "CLIP_SETTINGS", "MODES", "SHARDED", "Mode", "ModeContext", "StepRecord", "build_mode",
+           "clip_schedule", "pick_fast_kernel", "state_bytes"]
 
 MODES: tuple[str, ...] = (
-    "floor", "post", "post-fused", "upstream", "overlap", "zero-post", "zero-upstream", "overlap-shard",
+    "floor", "post", "post-fused", "upstream", "overlap", "post-fused+clip", "overlap+clip", "zero-post",
+    "zero-upstream", "overlap-shard",
 )
+
+#: The modes that clip the global gradient norm.
+CLIPPED: tuple[str, ...] = ("post-fused+clip", "overlap+clip")
+#: ``--clip`` settings: how often ``max_norm`` makes clipping fire (see :func:`clip_schedule`).
+CLIP_SETTINGS: tuple[str, ...] = ("never", "sometimes", "always")
+
+
+def clip_schedule(setting: str, scale: float) -> Callable[[int], float]:
+    """``max_norm`` for step ``i`` (counted from the mode's first step): ``scale`` is a typical
+    total gradient norm of the workload. ``"never"``: far above any norm; ``"always"``: a
+    thousandth of ``scale``; ``"sometimes"``: that on every fourth step, far above otherwise."""
+    if setting not in CLIP_SETTINGS:
+        raise ValueError(f"clip setting must be one of {CLIP_SETTINGS}, got {setting!r}")
+    low, high = 1e-3 * scale, 1e30
+    if setting == "never":
+        return lambda i: high
+    if setting == "always":
+        return lambda i: low
+    return lambda i: low if i % 4 == 0 else high
 
 #: The modes whose ranks each keep the optimizer state of only their share of the parameters.
 SHARDED: tuple[str, ...] = ("zero-post", "zero-upstream", "overlap-shard")
@@ -117,6 +144,12 @@ class ModeContext:
     sync: Callable[[], None] = lambda: None
     #: Run forward and loss under ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16``).
     autocast: torch.dtype | None = None
+    #: The clip modes' setting (:data:`CLIP_SETTINGS`) and the workload's typical total
+    #: gradient norm, the same on every rank (:func:`clip_schedule`).
+    clip: str = "sometimes"
+    clip_scale: float = 1.0
+    #: ``ClipGradNorm``'s policy for ``overlap+clip``.
+    clip_policy: str = "auto"
 
 
 @dataclass
@@ -147,6 +180,8 @@ class Mode:
     link: SimulatedLink | None = None
     #: The state dicts (parameter -> {name: value}) of the optimizers this rank holds.
     states: Callable[[], list[Mapping[Any, Mapping[str, Any]]]] = lambda: []
+    #: Clip the global gradient norm after backward to ``clip(step index)`` (clip modes).
+    clip: Callable[[int], float] | None = None
     #: CUDA only: records whose events :meth:`settle` has not read yet.
     _pending: list[tuple[StepRecord, list[Any]]] = field(default_factory=list)
 
@@ -183,6 +218,12 @@ class Mode:
         t1 = time.perf_counter()
         opt_s = None
         if self.optimizer is not None:
+            if self.clip is not None:
+                max_norm = self.clip(len(self.records))
+                if hasattr(self.optimizer, "clip_grad_norm_"):  # overlapped
+                    self.optimizer.clip_grad_norm_(max_norm)
+                else:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
             self.optimizer.step()
             if self.after_step is not None:
                 self.after_step()
@@ -308,7 +349,9 @@ def build_mode(name: str, ctx: ModeContext) -> Mode:
         mode.states = lambda: [opt.state]
         mode.kernel = "bucket shard " + ("fused" if ctx.overlap_kernel.get("fused") else "foreach")
         return mode
-    if name == "overlap":
+    if name in CLIPPED:
+        mode.clip = clip_schedule(ctx.clip, ctx.clip_scale)
+    if name in ("overlap", "overlap+clip"):
         opt = make_optimizer(ctx.optimizer, ddp.parameters(), **ctx.overlap_kernel)
         # Without a link the package's own all-reduce runs and labels itself in a trace
         # (bucket<i>/comm, bucket<i>/update); a link hook is wrapped to be labelled alike. The
@@ -323,10 +366,15 @@ def build_mode(name: str, ctx: ModeContext) -> Mode:
                 state if state is not None else ddp.process_group,
                 executor,
             )
-        mode.optimizer = overlap_sgd.overlap(ddp, opt, hook, state, executor=executor)
+        clip = None
+        if name == "overlap+clip":
+            clip = overlap_sgd.ClipGradNorm(mode.clip(0), policy=ctx.clip_policy)
+        mode.optimizer = overlap_sgd.overlap(ddp, opt, hook, state, executor=executor, clip_grad_norm=clip)
         mode.executor = executor
         mode.states = lambda: [opt.state]
         mode.kernel = "bucket " + ("fused" if ctx.overlap_kernel.get("fused") else "foreach")
+        if clip is not None:
+            mode.kernel += f" + global clip ({ctx.clip}, policy {ctx.clip_policy})"
         return mode
     if link_state is not None:
         ddp.register_comm_hook(link_state, link_hook)
@@ -334,9 +382,11 @@ def build_mode(name: str, ctx: ModeContext) -> Mode:
     if name == "post":
         mode.optimizer = make_optimizer(ctx.optimizer, ddp.parameters())
         mode.kernel = _default_kernel(list(ddp.parameters()))
-    elif name == "post-fused":
+    elif name in ("post-fused", "post-fused+clip"):
         mode.optimizer = make_optimizer(ctx.optimizer, ddp.parameters(), **ctx.fast_kernel)
         mode.kernel = _kernel_name(ctx.fast_kernel)
+        if name == "post-fused+clip":
+            mode.kernel += f" + clip_grad_norm_(foreach=True) ({ctx.clip})"
     elif name == "zero-post":
         zero = _zero(ctx, ddp)
         mode.optimizer = zero

@@ -9,6 +9,9 @@ the machine hits each alike (every mode has its own DDP model, built from the sa
   post-fused     optimizer.step() after backward, the faster of fused=True / foreach=True
   upstream       DistributedDataParallel._register_fused_optim, PyTorch's own overlap
   overlap        overlap_sgd.overlap: each bucket updated as soon as its all-reduce lands
+  post-fused+clip  post-fused with torch.nn.utils.clip_grad_norm_(foreach=True) before the step
+  overlap+clip   overlap with global-norm clipping (clip_grad_norm=, opt.clip_grad_norm_);
+                 --clip never|sometimes|always sets how often max_norm makes it fire
   zero-post      ZeroRedundancyOptimizer (state sharded), step() after backward: ZeRO-1
   zero-upstream  ZeroRedundancyOptimizer(overlap_with_ddp=True) + hook_with_zero_step_interleaved,
                  PyTorch's own sharded overlap (NCCL only: skipped on gloo)
@@ -47,7 +50,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.launch import launched_by_torchrun, run_torchrun, spawn  # noqa: E402
-from benchmarks.modes import MODES  # noqa: E402
+from benchmarks.modes import CLIP_SETTINGS, MODES  # noqa: E402
 from benchmarks.runner import AUTOCAST, BenchJob, BenchOptions, rank_entry  # noqa: E402
 from benchmarks.workloads import KINDS, OPTIMIZERS  # noqa: E402
 
@@ -113,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sweep-bucket", type=_floats, default=[], metavar="MB1,MB2,..",
                    help="also run at these bucket sizes (at --link-gbps)")
     g.add_argument("--gradient-as-bucket-view", action="store_true", help="DDP gradient_as_bucket_view=True")
+    g.add_argument("--clip", default=d.clip, choices=list(CLIP_SETTINGS),
+                   help="how often the clip modes' max_norm makes global-norm clipping fire (default sometimes: "
+                        "every fourth step)")
+    g.add_argument("--clip-policy", default=d.clip_policy, choices=["auto", "speculate", "defer"],
+                   help="overlap+clip's ClipGradNorm policy (default auto)")
     g = p.add_argument_group("measurement")
     g.add_argument("--modes", type=_names(MODES), default=list(MODES),
                    help=f"modes to run (default {','.join(MODES)})")
@@ -153,7 +161,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchJob, argparse.Namesp
         sweep_bucket=a.sweep_bucket, rounds=a.rounds, steps_per_round=a.steps_per_round,
         warmup=a.warmup, modes=a.modes, device=a.device, threads=a.threads,
         overlap_kernel=a.overlap_kernel, gradient_as_bucket_view=a.gradient_as_bucket_view,
-        trace=a.trace, trace_dir=a.trace_dir, trace_steps=a.trace_steps, seed=a.seed,
+        clip=a.clip, clip_policy=a.clip_policy, trace=a.trace, trace_dir=a.trace_dir, trace_steps=a.trace_steps, seed=a.seed,
         verbose=not a.quiet,
     )
     return BenchJob(opts, out_dir=a.out, plot=not a.no_plot), a

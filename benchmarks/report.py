@@ -143,6 +143,7 @@ def format_table(result: dict[str, Any]) -> str:
                 _num(c.get("hidden_fraction_vs_fused")),
             )
         )
+        lines.extend(clipping_lines(run))
         lines.extend(sharding_lines(run))
         linked = link_line(run)
         if linked:
@@ -179,6 +180,23 @@ def _mode_note(name: str, run: dict[str, Any], m: dict[str, Any]) -> str:
     return kernel
 
 
+
+
+def clipping_lines(run: dict[str, Any]) -> list[str]:
+    """The clip modes' ratios and the clipping targets that apply, with verdicts."""
+    modes = run["modes"]
+    if not any(name in modes for name in ("post-fused+clip", "overlap+clip")):
+        return []
+    c = run["comparison"]
+    clip = run.get("clipping") or {}
+    lines = ["clipping fires {} (overlap+clip policy {}):   overlap+clip/post-fused+clip {}   "
+             "overlap+clip/overlap {}".format(
+                 clip.get("setting"), clip.get("policy"), _num(c.get("overlap+clip/post-fused+clip")),
+                 _num(c.get("overlap+clip/overlap")))]
+    for t in clip.get("targets", []):
+        verdict = "n/a" if t["met"] is None else ("met" if t["met"] else "MISSED")
+        lines.append(f"  target {t['ratio']} <= {t['bound']:g}: {_num(t['value'])} {verdict}")
+    return lines
 
 
 def sharding_lines(run: dict[str, Any]) -> list[str]:

@@ -33,10 +33,10 @@ import torch.distributed as dist
 from .bandwidth import step_traffic, triad
 from .link import SimulatedLink
 from .memory import MemoryProbe
-from .modes import MODES, Mode, ModeContext, build_mode, pick_fast_kernel
+from .modes import CLIPPED, MODES, Mode, ModeContext, build_mode, pick_fast_kernel
 from .stats import compare, step_max, summarize
 from .stream_overlap import analyze, load_trace
-from .targets import sharding
+from .targets import clipping, sharding
 from .trace import write_trace
 from .workloads import Workload, build_model, describe_optimizer, make_batch
 
@@ -73,6 +73,9 @@ class BenchOptions:
     threads: int = 1
     overlap_kernel: str = "auto"
     gradient_as_bucket_view: bool = False
+    #: How often the clip modes' ``max_norm`` makes clipping fire, and ``overlap+clip``'s policy.
+    clip: str = "sometimes"
+    clip_policy: str = "auto"
     trace: str | None = None
     trace_dir: str | None = None
     trace_steps: int = 3
@@ -137,6 +140,21 @@ def _sync_fn(device: torch.device) -> Callable[[], None]:
     if device.type == "cuda":
         return lambda: torch.cuda.synchronize(device)
     return lambda: None
+
+
+def _gradient_norm(base: torch.nn.Module, workload: Workload, x: torch.Tensor, y: torch.Tensor) -> float:
+    """The total gradient norm of a copy of ``base`` on this rank's batch, averaged over the
+    ranks: the scale of the clip modes' ``max_norm``, the same on every rank."""
+    import copy
+
+    from .workloads import loss_fn
+
+    model = copy.deepcopy(base)
+    loss_fn(model(x), y).backward()
+    norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    norm = norm.detach().double().reshape(1)
+    dist.all_reduce(norm)
+    return float(norm) / dist.get_world_size()
 
 
 def _median(xs: list[float]) -> float | None:
@@ -209,11 +227,12 @@ def run_config(cfg: RunConfig, opts: BenchOptions, rank: int, world: int, device
     x, y = make_batch(cfg.workload, rank, device, seed=opts.seed)
     fast, kernel_times = pick_fast_kernel(cfg.optimizer, list(base.parameters()), device, sync=sync)
     link = SimulatedLink(cfg.link_gbps, name=f"simulated-link-rank{rank}") if cfg.link_gbps else None
+    scale = _gradient_norm(base, cfg.workload, x, y) if any(m in CLIPPED for m in opts.modes) else 1.0
     ctx = ModeContext(
         base=base, device=device, optimizer=cfg.optimizer, bucket_cap_mb=cfg.bucket_cap_mb,
         link=link, fast_kernel=fast, overlap_kernel=_overlap_kernel(opts.overlap_kernel, fast),
         gradient_as_bucket_view=opts.gradient_as_bucket_view, sync=sync,
-        autocast=AUTOCAST[opts.autocast],
+        autocast=AUTOCAST[opts.autocast], clip=opts.clip, clip_scale=scale, clip_policy=opts.clip_policy,
     )
     probe = MemoryProbe(device)
     modes: dict[str, Mode] = {}
@@ -331,11 +350,13 @@ def _assemble(cfg: RunConfig, opts: BenchOptions, n_params: int, fast: dict[str,
         "optimizer_desc": describe_optimizer(cfg.optimizer),
         "bucket_cap_mb": cfg.bucket_cap_mb,
         "link_gbps": cfg.link_gbps,
+        "clip": {"setting": opts.clip, "policy": opts.clip_policy},
         "post_fused_kernel": "fused" if fast.get("fused") else "foreach",
         "post_fused_kernel_times_s": kernel_times,
         "modes": mode_out,
         "comparison": compare(medians),
         "sharding": sharding(cfg.optimizer, cfg.bucket_cap_mb, cfg.link_gbps, len(gathered), medians, state),
+        "clipping": clipping(cfg.optimizer, cfg.link_gbps, len(gathered), opts.clip, opts.clip_policy, medians),
         "bandwidth": bandwidth,
         "memory": {
             "per_rank": [g["totals"] for g in gathered],

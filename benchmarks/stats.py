@@ -19,6 +19,8 @@ RATIOS: tuple[tuple[str, str], ...] = (
     ("overlap", "post"),
     ("overlap", "post-fused"),
     ("overlap", "upstream"),
+    ("overlap+clip", "post-fused+clip"),
+    ("overlap+clip", "overlap"),
     ("overlap-shard", "overlap"),
     ("overlap-shard", "zero-post"),
     ("overlap-shard", "zero-upstream"),

@@ -26,7 +26,7 @@ from typing import Any
 
 from .stats import ratio
 
-__all__ = ["STATE_RATIOS", "TARGETS", "TARGET_CONFIG", "sharding"]
+__all__ = ["CLIP_TARGETS", "STATE_RATIOS", "TARGETS", "TARGET_CONFIG", "clipping", "sharding"]
 
 #: The configuration the targets are set for.
 TARGET_CONFIG: dict[str, Any] = {"optimizer": "adamw", "bucket_cap_mb": 4.0, "link_gbps": 2.0, "world_size": 2}
@@ -86,3 +86,46 @@ def sharding(
         targets.append({"what": what, "ratio": name, "value": value, "bound": bound, "met": met})
     return {"state_per_rank": per_mode, "state_ratio": state_ratio, "targets": targets,
             "targets_apply": applies, "target_config": TARGET_CONFIG}
+
+
+#: Global-norm clipping's targets: (clip setting, ratio, bound, needs the simulated link). They
+#: apply to AdamW on two ranks with ``overlap+clip``'s default policy (``"auto"``):
+#:
+#: - clipping never fires, on the simulated link: ``overlap+clip`` costs at most 2% over
+#:   ``overlap`` (the norms are taken inside the bucket updates, hidden behind communication)
+#:   and steps at most 0.95 x ``post-fused+clip``;
+#: - clipping always fires: ``overlap+clip`` (``"auto"`` defers) at most 1.03 x ``post-fused+clip``.
+CLIP_TARGETS: tuple[tuple[str, str, float, bool], ...] = (
+    ("never", "overlap+clip/overlap", 1.02, True),
+    ("never", "overlap+clip/post-fused+clip", 0.95, True),
+    ("always", "overlap+clip/post-fused+clip", 1.03, False),
+)
+
+
+def clipping(
+    optimizer: str,
+    link_gbps: float | None,
+    world_size: int,
+    setting: str,
+    policy: str,
+    medians: Mapping[str, float | None],
+) -> dict[str, Any]:
+    """The clip modes' ratios, and the :data:`CLIP_TARGETS` that apply to this run with their
+    verdicts (``met`` is ``None`` where a median is missing).
+
+    Example:
+        >>> c = clipping("adamw", 2.0, 2, "never", "auto",
+        ...              {"overlap": 0.100, "overlap+clip": 0.101, "post-fused+clip": 0.120})
+        >>> [(t["ratio"], round(t["value"], 3), t["met"]) for t in c["targets"]]
+        [('overlap+clip/overlap', 1.01, True), ('overlap+clip/post-fused+clip', 0.842, True)]
+    """
+    applies = optimizer == "adamw" and world_size == 2 and policy == "auto"
+    targets = []
+    for when, name, bound, linked in CLIP_TARGETS:
+        if not applies or when != setting or (linked and not link_gbps):
+            continue
+        a, b = name.split("/")
+        value = ratio(medians.get(a), medians.get(b))
+        targets.append({"ratio": name, "value": value, "bound": bound,
+                        "met": None if value is None else value <= bound})
+    return {"setting": setting, "policy": policy, "targets": targets}

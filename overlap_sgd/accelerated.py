@@ -29,7 +29,7 @@ from typing import Any
 
 from torch.optim import Optimizer
 
-__all__ = ["attach", "is_accelerated", "unwrap"]
+__all__ = ["attach", "is_accelerated", "route_clip_grad_norm", "unwrap"]
 
 
 def is_accelerated(optimizer: Any) -> bool:
@@ -75,7 +75,43 @@ def attach(accelerated: Any, overlapped: Optimizer) -> Any:
 
     Its ``step`` (on a synchronising micro-step) then closes the overlapped step, and its
     ``zero_grad``, ``state_dict`` and ``load_state_dict`` act on the overlapped optimizer, which
-    shares the torch optimizer's param groups and state.
+    shares the torch optimizer's param groups and state. ``accelerator.clip_grad_norm_`` is
+    routed to the overlapped optimizer's own clipping (:func:`route_clip_grad_norm`).
     """
     accelerated.optimizer = overlapped
+    route_clip_grad_norm()
     return accelerated
+
+
+def route_clip_grad_norm() -> None:
+    """Make ``Accelerator.clip_grad_norm_`` clip through an overlapped optimizer's global-norm
+    clipping (``overlap(..., clip_grad_norm=...)``) where the accelerator holds one whose
+    parameters it is asked to clip; elsewhere it runs as before. Installed once."""
+    module = sys.modules.get("accelerate.accelerator")
+    cls = getattr(module, "Accelerator", None)
+    if cls is None or getattr(cls.clip_grad_norm_, "_overlap_sgd_routed", False):
+        return
+    original = cls.clip_grad_norm_
+
+    def clip_grad_norm_(self: Any, parameters: Any, max_norm: float, norm_type: float = 2) -> Any:
+        parameters = list(parameters) if not hasattr(parameters, "shape") else [parameters]
+        given = {id(p) for p in parameters}
+        for wrapper in getattr(self, "_optimizers", ()):
+            overlapped = getattr(wrapper, "optimizer", None)
+            clipper = getattr(getattr(overlapped, "hook_state", None), "clipper", None)
+            if clipper is None:
+                continue
+            mine = {id(p) for p in clipper.params}
+            if mine & given:
+                if not mine <= given:
+                    raise ValueError(
+                        "accelerator.clip_grad_norm_ got only some of an overlapped model's "
+                        "parameters; its clipping takes the global norm over all of them: pass "
+                        "model.parameters()"
+                    )
+                return overlapped.clip_grad_norm_(max_norm, norm_type)
+        return original(self, parameters, max_norm, norm_type)
+
+    clip_grad_norm_._overlap_sgd_routed = True  # type: ignore[attr-defined]
+    clip_grad_norm_.__doc__ = original.__doc__
+    cls.clip_grad_norm_ = clip_grad_norm_

@@ -203,3 +203,36 @@ def test_accelerate_example_trains_as_its_post_backward_mode(tmp_path):
         assert float(state["step"]) == 4 and bool(state["exp_avg"].abs().max() > 0)  # trained
         for key, value in state.items():
             torch.testing.assert_close(value, ref_states[index][key], rtol=1e-4, atol=5e-5)
+
+
+def routed_clip_body(rank: int, world_size: int) -> dict:
+    _launcher_env(rank, world_size)
+    accelerator, model, opt, sched = _prepared()
+    # The reference: a second model of the same weights, post-backward, in the same accelerator.
+    torch.manual_seed(0)
+    net = Net(width=32, depth=3)
+    decay = [p for p in net.parameters() if p.dim() >= 2]
+    rest = [p for p in net.parameters() if p.dim() < 2]
+    ref_opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                                lr=1e-2, fused=True)
+    ref_sched = torch.optim.lr_scheduler.StepLR(ref_opt, step_size=3, gamma=0.5)
+    ref, ref_opt, ref_sched = accelerator.prepare(net, ref_opt, ref_sched)
+
+    opt = overlap_sgd.overlap(model, opt, clip_grad_norm=1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train(accelerator, ref, ref_opt, ref_sched, rank, range(4), clip=0.05)
+        _train(accelerator, model, opt, sched, rank, range(4), clip=0.05)
+    late = [str(w.message) for w in caught if "modified in place after backward" in str(w.message)]
+    inner = opt.optimizer
+    diffs = [float((a - b).abs().max()) for a, b in zip(_params(model), _params(ref))]
+    return {"late": late, "diff": max(diffs), "clipped": inner.clipped, "norm": float(inner.grad_norm)}
+
+
+@pytest.mark.timeout(120)
+def test_accelerator_clip_grad_norm_is_routed_to_the_overlapped_clipping():
+    for rank, out in enumerate(run_distributed(routed_clip_body, 2, timeout=100)):
+        assert not out["late"], out["late"]  # routed: nothing modified the gradients too late
+        assert out["clipped"] and out["norm"] > 0.05, out
+        # Steps that clip are corrected: within rounding of accelerator.clip_grad_norm_ + step().
+        assert out["diff"] < 5e-5, out

@@ -267,6 +267,10 @@ def test_modes_train_alike(mode_runs):
             assert torch.isfinite(t["post"]).all()
             for name in ("post-fused", "overlap", "zero-post", "overlap-shard") + (("upstream",) if i < 2 else ()):
                 torch.testing.assert_close(t[name], t["post"], rtol=1e-5, atol=1e-6, msg=name)
+            # Clipping fires on the first step (--clip sometimes): the clip modes train alike,
+            # the overlapped one corrected within rounding, and unlike the unclipped modes.
+            torch.testing.assert_close(t["overlap+clip"], t["post-fused+clip"], rtol=1e-4, atol=5e-5)
+            assert not torch.allclose(t["overlap+clip"], t["post"]) and not torch.allclose(t["overlap+clip"], t["init"])
             assert "NCCL" in r["zero-upstream"] and "gloo" in r["zero-upstream"]
         assert "simulated link" in rank_results[2]["upstream"]
     for i in range(3):
@@ -301,7 +305,7 @@ def test_the_link_carries_the_same_bytes_for_sharded_and_unsharded_steps(mode_ru
         carried = rank_results[2]["link_bytes"]
         floor = carried["floor"]
         assert floor >= params  # every gradient crosses once (DDP may pad its buckets)
-        for name in ("post", "post-fused", "overlap", "overlap-shard"):
+        for name in ("post", "post-fused", "overlap", "overlap-shard", "post-fused+clip", "overlap+clip"):
             assert carried[name] == floor, (name, carried)
         assert carried["zero-post"] == floor + params // 2
         assert "upstream" not in carried and "zero-upstream" not in carried
@@ -426,6 +430,7 @@ def test_command_line_writes_report_and_trace(tmp_path):
             assert m["step"]["p10"] <= m["step"]["median"] <= m["step"]["p90"]
             assert set(m["memory"]) >= {"setup_growth"}
         assert set(run["comparison"]) == {"overlap/post", "overlap/post-fused", "overlap/upstream",
+                                          "overlap+clip/post-fused+clip", "overlap+clip/overlap",
                                           "overlap-shard/overlap", "overlap-shard/zero-post",
                                           "overlap-shard/zero-upstream",
                                           "hidden_fraction", "hidden_fraction_vs_fused"}
@@ -448,6 +453,8 @@ def test_command_line_writes_report_and_trace(tmp_path):
     assert linked["comparison"]["overlap/upstream"] is None
     table = format_table(result)
     assert "overlap/post" in table and "overlap-shard/overlap" in table and "state per rank" in table
+    assert "clipping fires sometimes (overlap+clip policy auto)" in table
+    assert loopback["clip"] == {"setting": "sometimes", "policy": "auto"}
     assert "targets (set for 2 Gbit/s link, 4 MB buckets, 2 ranks, adamw" in table
     assert "simulated link busy per step" in table
 
@@ -524,3 +531,21 @@ def test_memory_probe_counts_live_memory_only():
     mib = 1 << 20
     assert freed - reading > 32 * mib, out  # the 64 MiB freed leave the reading
     assert held - reading > 32 * mib, out
+
+
+def test_clip_schedules_and_targets():
+    from benchmarks.modes import clip_schedule
+    from benchmarks.targets import clipping
+
+    assert [clip_schedule("sometimes", 2.0)(i) < 1 for i in range(8)] == [True, False, False, False] * 2
+    assert clip_schedule("always", 2.0)(5) == pytest.approx(2e-3) and clip_schedule("never", 2.0)(0) > 1e20
+    with pytest.raises(ValueError, match="clip setting must be one of"):
+        clip_schedule("often", 1.0)
+    medians = {"overlap": 0.100, "overlap+clip": 0.103, "post-fused+clip": 0.120}
+    never = clipping("adamw", 2.0, 2, "never", "auto", medians)["targets"]
+    assert [(t["ratio"], t["met"]) for t in never] == [("overlap+clip/overlap", False),
+                                                        ("overlap+clip/post-fused+clip", True)]
+    assert clipping("adamw", None, 2, "never", "auto", medians)["targets"] == []  # set for the link
+    always = clipping("adamw", None, 2, "always", "auto", {**medians, "overlap+clip": 0.125})["targets"]
+    assert [(t["ratio"], t["met"]) for t in always] == [("overlap+clip/post-fused+clip", False)]
+    assert clipping("sgd", 2.0, 2, "never", "auto", medians)["targets"] == []

@@ -193,15 +193,18 @@ def _sync_free_config(rank: int, config: str) -> dict:
     torch.manual_seed(0)
     ddp_kwargs = {"find_unused_parameters": config == "find-unused"}
     model = DDP(Net(depth=6).to(device), device_ids=[device], bucket_cap_mb=0.002, **ddp_kwargs)
-    if config == "adamw":
-        opt = torch.optim.AdamW(model.parameters(), lr=0.01)
-    elif config == "adamw-fused-check-finite":
+    if config.startswith("adamw-fused"):
         opt = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
+    elif config.startswith("adamw"):
+        opt = torch.optim.AdamW(model.parameters(), lr=0.01)
     else:
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    opt = overlap_sgd.overlap(model, opt, check_finite=config.endswith("check-finite"))
+    # "-clip": global-norm clipping that fires on every step (speculated, corrected in step()).
+    clip = overlap_sgd.ClipGradNorm(1e-3, policy="speculate") if config.endswith("-clip") else None
+    opt = overlap_sgd.overlap(model, opt, check_finite=config.endswith("check-finite"), clip_grad_norm=clip)
     before = [p.detach().clone() for p in model.parameters()]
     errors = []
+    step_syncs = []
     for step in range(6):
         x, y = (t.to(device) for t in batch(step, rank))
         loss = F.mse_loss(model(x), y)
@@ -216,15 +219,30 @@ def _sync_free_config(rank: int, config: str) -> dict:
             break  # DDP's reducer is left mid-iteration: nothing more to learn
         finally:
             torch.cuda.set_sync_debug_mode(0)
-        opt.step()
+        if watched and clip is not None:
+            # step() reads the norm on the host once (and nothing else waits for the device).
+            import warnings
+
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    opt.step()
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+            step_syncs.append(sum("synchroniz" in str(w.message) for w in caught))
+            assert opt.clipped, "max_norm 1e-3 must clip"
+        else:
+            opt.step()
         opt.zero_grad()
     torch.cuda.synchronize()
     moved = all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
-    return {"errors": errors, "moved": moved, "finite": finite}
+    return {"errors": errors, "moved": moved, "finite": finite, "step_syncs": step_syncs}
 
 
-SYNC_FREE = ["sgd", "adamw", "find-unused", "sgd-check-finite", "adamw-fused-check-finite"]
+SYNC_FREE = ["sgd", "adamw", "find-unused", "sgd-check-finite", "adamw-fused-check-finite",
+             "sgd-clip", "adamw-clip", "adamw-fused-clip"]
 
 
 @pytest.fixture(scope="module")
@@ -240,6 +258,35 @@ def test_backward_never_waits_for_the_device(config: str, sync_free_results: dic
     r = sync_free_results[config]
     assert r["errors"] == [], r["errors"]
     assert r["moved"] and r["finite"]
+    if config.endswith("-clip"):
+        assert r["step_syncs"] and all(n <= 1 for n in r["step_syncs"]), r["step_syncs"]
+
+
+CLIP_CORRECTED = Rounding(1e-4, 5e-5, "a clipped step is corrected after the speculative update "
+                          "(a few more roundings), and fused against multi-tensor kernels on CUDA")
+ADAMW_FUSED = partial(torch.optim.AdamW, lr=0.01, weight_decay=0.1, fused=True)  # steps on the device
+ADAM_CAPTURABLE = partial(torch.optim.Adam, lr=0.01, weight_decay=0.05, capturable=True)
+CLIPPED = [
+    Scenario(f"clip-{name}-{when}", make, clip_global=max_norm, clip_policy="speculate", steps=12)
+    for name, make in (("sgd", SGD), ("adamw", ADAMW), ("adamw-fused", ADAMW_FUSED),
+                       ("adam-capturable", ADAM_CAPTURABLE))
+    for when, max_norm in (("always", 0.05), ("sometimes", 0.3), ("never", 1e3))
+] + [
+    Scenario("clip-adamw-auto-sometimes", ADAMW, clip_global=0.3, steps=12),
+    Scenario("clip-shard-adamw-sometimes", ADAMW, clip_global=0.3, clip_policy="speculate", shard=True, steps=12),
+    Scenario("clip-shard-adamw-defer", ADAMW, clip_global=0.3, clip_policy="defer", shard=True, steps=12),
+]
+
+
+def test_global_clipping_on_nccl() -> None:
+    rows = [replace(s, world_size=1, device="cuda", rounding=CLIP_CORRECTED) for s in CLIPPED]
+    _check(run_distributed(_cuda_parity, 1, rows, backend="nccl", gpu=0, timeout=300))
+
+
+def test_global_clipping_with_two_gloo_ranks_on_one_gpu() -> None:
+    rows = [replace(s, device="cuda", rounding=CLIP_CORRECTED)
+            for s in CLIPPED if s.name.endswith(("adamw-fused-sometimes", "sgd-always", "shard-adamw-sometimes"))]
+    _check(run_distributed(_cuda_parity, 2, rows, backend="gloo", gpu=0, timeout=300))
 
 
 def _check_finite_on_cuda(rank: int, world_size: int) -> dict:

@@ -20,6 +20,8 @@ from benchmarks.stats import compare
 
 #: The modes tools/gpu_check.sh runs (one GPU: the sharded modes need two ranks or more).
 GPU_CHECK_MODES = ["floor", "post", "post-fused", "upstream", "overlap"]
+#: The GPT part also runs the global-norm clipping modes.
+CLIP_MODES = ["post-fused+clip", "overlap+clip"]
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "gpu_check.sh"
@@ -62,11 +64,12 @@ def test_dry_run_prints_each_part_and_runs_nothing(tmp_path):
     g, _ = parse_args(gpt[3:])
     m, a = parse_args(mlp[3:])
     assert a.device == "cuda" and a.nproc == 1
-    for job in (g, m):
+    for job, modes in ((g, GPU_CHECK_MODES + CLIP_MODES), (m, GPU_CHECK_MODES)):
         o = job.options
         assert (o.device, o.autocast, o.overlap_kernel) == ("cuda", "bf16", "fused")
-        assert o.optimizers == ["sgd", "adamw"] and o.modes == GPU_CHECK_MODES == [n for n in MODES if n in o.modes]
+        assert o.optimizers == ["sgd", "adamw"] and o.modes == modes == [n for n in MODES if n in o.modes]
         assert o.trace_dir == str(out / "traces") and o.trace_steps >= 1
+    assert g.options.clip == "sometimes"
     o = g.options
     assert (o.models, o.tf_width, o.tf_depth, o.tf_heads, o.seq_len, o.vocab) == (
         ["gpt"], 768, 12, 12, 1024, 50304)
@@ -124,7 +127,7 @@ def test_cpu_pipeline_reports_failed_tests_and_still_benchmarks(tmp_path):
     assert [(r["kind"], r["optimizer"]) for r in runs] == [
         ("gpt", "sgd"), ("gpt", "adamw"), ("mlp", "sgd"), ("mlp", "adamw")]
     for r in runs:
-        assert set(r["median_s"]) == set(GPU_CHECK_MODES)
+        assert set(r["median_s"]) == set(GPU_CHECK_MODES + (CLIP_MODES if r["kind"] == "gpt" else []))
         assert all(v is not None and v > 0 for v in r["median_s"].values()), r["skipped"]
         assert r["comparison"]["overlap/post-fused"] == pytest.approx(
             r["median_s"]["overlap"] / r["median_s"]["post-fused"])

@@ -68,8 +68,8 @@ tests="${GPU_CHECK_TESTS:-tests/test_cuda.py}"  # relative to the checkout, or a
 # under 7 minutes; a normal run takes well under that (each part prints its time).
 t_env="${GPU_CHECK_TIMEOUT_ENV:-20}"
 t_tests="${GPU_CHECK_TIMEOUT_TESTS:-160}"
-t_gpt="${GPU_CHECK_TIMEOUT_BENCH_GPT:-115}"
-t_mlp="${GPU_CHECK_TIMEOUT_BENCH_MLP:-80}"
+t_gpt="${GPU_CHECK_TIMEOUT_BENCH_GPT:-125}"
+t_mlp="${GPU_CHECK_TIMEOUT_BENCH_MLP:-70}"
 t_report="${GPU_CHECK_TIMEOUT_REPORT:-20}"
 
 # Benchmark settings: a few rounds, enough for a median; CPU sizes only prove the pipeline.
@@ -85,9 +85,11 @@ else
 fi
 # overlap gets fused=True: its own default for Adam/AdamW on CUDA is foreach, which would not
 # compare like with like against post-fused.
+# The GPT also runs the clipped modes (global-norm clipping firing on every fourth step, the
+# overlapped side under the default "auto" policy): what a transformer loop does.
+modes=floor,post,post-fused,upstream,overlap
 common=(--device "$device" --nproc 1 --optim sgd,adamw --autocast bf16 --overlap-kernel fused
-        --modes floor,post,post-fused,upstream,overlap "${rounds[@]}" --timeout 90
-        --trace-dir "$out/traces")
+        "${rounds[@]}" --timeout 90 --trace-dir "$out/traces")
 
 env_cmd=("$python" -m benchmarks.gpu_report probe --device "$device")
 # The CUDA cases of the distributed-checkpoint tests run too (when the file is there).
@@ -98,9 +100,9 @@ if [ -z "${GPU_CHECK_TESTS:-}" ] && [ -f "$root/tests/test_dcp.py" ]; then
 fi
 tests_cmd=("$python" -m pytest "$tests" "${more_tests[@]}" -v -rA -p no:cacheprovider --junitxml "$out/cuda_tests.xml")
 gpt_cmd=("$python" -m benchmarks.overlap_bench --model gpt "${gpt_size[@]}" "${common[@]}"
-         --out "$out/bench-gpt")
+         --modes "$modes,post-fused+clip,overlap+clip" --clip sometimes --out "$out/bench-gpt")
 mlp_cmd=("$python" -m benchmarks.overlap_bench --model mlp "${mlp_size[@]}" "${common[@]}"
-         --out "$out/bench-mlp")
+         --modes "$modes" --out "$out/bench-mlp")
 report_cmd=("$python" -m benchmarks.gpu_report summary "$out")
 
 quoted() {  # the command as a shell would read it back, quoting only where needed

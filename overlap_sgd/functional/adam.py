@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Union
 
 import math
 
@@ -205,48 +205,81 @@ class FunctionalAdam(FunctionalOptimizer):
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
         coupled = wd != 0 and not group["decoupled_weight_decay"]
         sign = -1.0 if group["maximize"] else 1.0
-        k = sign * (coef - 1.0)  # D = k * g
         state = self.state
         sts = [state[key] for key in (keys or params)]
         steps = [st["step"] for st in sts]
+        hyper = (beta1, beta2, eps, wd if coupled else 0.0, sign, coef)
         if all(t.device.type == "cpu" for t in steps):
-            counts = [float(t) for t in steps]
-        else:  # capturable or fused on the device: one read of every step count
-            counts = torch.stack([t.to(torch.float64) for t in steps]).tolist()
-        by_step: dict[float, list[int]] = {}
-        for i, t in enumerate(counts):
-            by_step.setdefault(t, []).append(i)
-        for t, idx in by_step.items():
-            p = [params[i] for i in idx]
-            g = [grads[i] for i in idx]
-            m = [sts[i]["exp_avg"] for i in idx]
-            v = [sts[i]["exp_avg_sq"] for i in idx]
-            step_size = lr / (1.0 - beta1**t)
-            bc2_sqrt = math.sqrt(1.0 - beta2**t)
-            u_old = _direction(m, v, bc2_sqrt, eps)
-            if coupled:
-                grad = torch._foreach_mul(g, sign)  # G = s*g + wd*p0
-                add_scaled(grad, torch._foreach_add(p, _scaled(u_old, step_size)), wd)
-                clipped = torch._foreach_add(grad, g, alpha=k)  # G' = G + D
-            if t == 1:
-                if not coupled:
-                    clipped = torch._foreach_mul(g, sign * coef)
-                torch._foreach_copy_(m, torch._foreach_mul(clipped, 1.0 - beta1))
-                torch._foreach_copy_(v, torch._foreach_mul(torch._foreach_mul(clipped, clipped), 1.0 - beta2))
-            else:
-                add_scaled(m, g, (1.0 - beta1) * k)
-                if coupled:  # G'**2 - G**2 = D * (G + G')
-                    torch._foreach_add_(grad, clipped)
-                    torch._foreach_addcmul_(v, torch._foreach_mul(g, k), grad, value=1.0 - beta2)
-                else:
-                    torch._foreach_addcmul_(v, g, g, value=(1.0 - beta2) * (coef * coef - 1.0))
-                torch._foreach_clamp_min_(v, 0.0)
-            u_new = _direction(m, v, bc2_sqrt, eps)
-            torch._foreach_sub_(u_old, u_new)
-            add_scaled(p, u_old, step_size)
+            # Step counts on the host (torch's default placement): one pass per step count,
+            # with torch's own scalar bias corrections.
+            by_step: dict[float, list[int]] = {}
+            for i, t in enumerate(steps):
+                by_step.setdefault(float(t), []).append(i)
+            for t, idx in by_step.items():
+                _correct(
+                    [params[i] for i in idx], [grads[i] for i in idx],
+                    [sts[i]["exp_avg"] for i in idx], [sts[i]["exp_avg_sq"] for i in idx],
+                    lr / (1.0 - beta1**t), math.sqrt(1.0 - beta2**t), t == 1, hyper,
+                )
+        else:
+            # Step counts on the device (capturable, or fused on CUDA): bias corrections as
+            # device tensors, read nowhere, as torch's capturable kernels compute them.
+            step_size, bc2_sqrt = _bias_corrections(steps, beta1, beta2, lr)
+            _correct(params, grads, [st["exp_avg"] for st in sts], [st["exp_avg_sq"] for st in sts],
+                     step_size, bc2_sqrt, None, hyper)
 
 
-def _direction(m: list[Tensor], v: list[Tensor], bc2_sqrt: float, eps: float) -> list[Tensor]:
+#: A bias-corrected scale: a number, or per parameter a 0-dim tensor on the device.
+Scale = Union[float, Tensor, list[Tensor]]
+
+
+def _bias_corrections(steps: list[Tensor], beta1: float, beta2: float, lr: float | Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    """Per parameter, ``lr / (1 - beta1**t)`` and ``sqrt(1 - beta2**t)`` as 0-dim tensors on
+    the step counts' device, computed there."""
+    bc1 = torch._foreach_pow(beta1, steps)
+    torch._foreach_neg_(bc1)
+    torch._foreach_add_(bc1, 1.0)
+    step_size = torch._foreach_reciprocal(bc1)
+    torch._foreach_mul_(step_size, lr)
+    bc2 = torch._foreach_pow(beta2, steps)
+    torch._foreach_neg_(bc2)
+    torch._foreach_add_(bc2, 1.0)
+    return list(step_size), list(torch._foreach_sqrt(bc2))
+
+
+def _correct(
+    p: list[Tensor], g: list[Tensor], m: list[Tensor], v: list[Tensor],
+    step_size: Scale, bc2_sqrt: Scale, first: bool | None, hyper: tuple[float, ...],
+) -> None:
+    """Correct one pass's parameters and moments (see the comment above ``corrects_clip``).
+    ``first``: the step count is 1 (m and v recomputed from the clipped gradient); ``None``:
+    not known on the host (the general formula, which holds at step 1 too)."""
+    beta1, beta2, eps, wd, sign, coef = hyper
+    k = sign * (coef - 1.0)  # D = k * g
+    u_old = _direction(m, v, bc2_sqrt, eps)
+    if wd:
+        grad = torch._foreach_mul(g, sign)  # G = s*g + wd*p0
+        add_scaled(grad, torch._foreach_add(p, _scaled(u_old, step_size)), wd)
+        clipped = torch._foreach_add(grad, g, alpha=k)  # G' = G + D
+    if first:
+        if not wd:
+            clipped = torch._foreach_mul(g, sign * coef)
+        torch._foreach_copy_(m, torch._foreach_mul(clipped, 1.0 - beta1))
+        torch._foreach_copy_(v, torch._foreach_mul(torch._foreach_mul(clipped, clipped), 1.0 - beta2))
+    else:
+        add_scaled(m, g, (1.0 - beta1) * k)
+        if wd:  # G'**2 - G**2 = D * (G + G')
+            torch._foreach_add_(grad, clipped)
+            torch._foreach_addcmul_(v, torch._foreach_mul(g, k), grad, value=1.0 - beta2)
+        else:
+            torch._foreach_addcmul_(v, g, g, value=(1.0 - beta2) * (coef * coef - 1.0))
+        torch._foreach_clamp_min_(v, 0.0)
+    u_new = _direction(m, v, bc2_sqrt, eps)
+    torch._foreach_sub_(u_old, u_new)
+    add_scaled(p, u_old, step_size)
+
+
+def _direction(m: list[Tensor], v: list[Tensor], bc2_sqrt: Scale, eps: float) -> list[Tensor]:
     """Adam's ``m / (sqrt(v) / sqrt(bc2) + eps)``, as new tensors."""
     denom = torch._foreach_sqrt(v)
     torch._foreach_div_(denom, bc2_sqrt)
@@ -254,7 +287,7 @@ def _direction(m: list[Tensor], v: list[Tensor], bc2_sqrt: float, eps: float) ->
     return torch._foreach_div(m, denom)
 
 
-def _scaled(xs: list[Tensor], alpha: float | Tensor) -> list[Tensor]:
+def _scaled(xs: list[Tensor], alpha: Scale) -> list[Tensor]:
     return torch._foreach_mul(xs, alpha)
 
 

@@ -433,12 +433,13 @@ def scalar_dtype(fused: bool = False) -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-def add_scaled(targets: list[Tensor], xs: list[Tensor], alpha: float | Tensor) -> None:
+def add_scaled(targets: list[Tensor], xs: list[Tensor], alpha: float | Tensor | list[Tensor]) -> None:
     """``targets[i] += alpha * xs[i]`` for every ``i``, one multi-tensor call (``alpha`` a
-    number or a 0-dim tensor, e.g. a tensor learning rate, never read on the host)."""
+    number, a 0-dim tensor such as a tensor learning rate, or a list of 0-dim tensors, one per
+    ``i``; tensors are never read on the host)."""
     if not targets:
         return
-    if isinstance(alpha, Tensor):
+    if isinstance(alpha, (Tensor, list, tuple)):
         torch._foreach_add_(targets, torch._foreach_mul(xs, alpha))
     else:
         torch._foreach_add_(targets, xs, alpha=alpha)

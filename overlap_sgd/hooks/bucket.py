@@ -266,12 +266,11 @@ class BucketPlan:
         set (see :meth:`~overlap_sgd.functional.base.FunctionalOptimizer.update`).
 
         ``clipper`` (global-norm clipping) runs or keeps each segment's update
-        (:meth:`~overlap_sgd.hooks.norm_clip.GlobalClipper.update`); ``result`` must then
-        hold averaged gradients.
+        (:meth:`~overlap_sgd.hooks.norm_clip.GlobalClipper.update`).
         """
         views = self.views(result)
         segments = self.segments if part is None else part.segments
-        if grad_scale is not None and (clip is not None or used is not None or clipper is not None):
+        if grad_scale is not None and (clip is not None or used is not None):
             self.divide(result, grad_scale, part)
             grad_scale = None
         if used is not None:
@@ -291,7 +290,8 @@ class BucketPlan:
                     clip.apply(grads)
                 seg.cache.pop("divided", None)
                 if clipper is not None:
-                    clipper.update(seg.optimizer, seg.group_index, seg.params, grads, seg.cache, found_inf=found_inf)
+                    clipper.update(seg.optimizer, seg.group_index, seg.params, grads, seg.cache,
+                                   found_inf=found_inf, grad_scale=grad_scale)
                 else:
                     seg.optimizer.update(seg.group_index, seg.params, grads, seg.cache, grad_scale=grad_scale, **skip)
                 done += 1

@@ -52,6 +52,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..functional.base import divide
+
 __all__ = ["AUTO_DEFER_FRACTION", "AUTO_WINDOW", "POLICIES", "ClipGradNorm", "GlobalClipper"]
 
 #: The clipping policies: see the module docs.
@@ -227,12 +229,27 @@ class GlobalClipper:
     def norm_type(self) -> float:
         return self.options.norm_type
 
-    def observe_whole(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
-        """The gradients ``grads`` of ``params`` (whole, averaged, identical on every rank)."""
+    def folds(self, optimizers: Sequence[Any], world_size: int) -> bool:
+        """Whether a bucket whose gradients are still sums over ``world_size`` ranks may keep
+        them so, for kernels that average while they update (sparing a pass over the bucket):
+        the step speculates, every segment's optimizer (``(optimizer, group)`` pairs) has a
+        correction, and dividing by ``world_size`` is exact (a power of two), so that the norm
+        of the sum divided by it is bit for bit the norm of the average."""
+        step = self._step
+        return (
+            step is not None and not step.deferring and world_size & (world_size - 1) == 0
+            and all(f.corrects_clip(gi) for f, gi in optimizers)
+        )
+
+    def observe_whole(self, params: Sequence[Tensor], grads: Sequence[Tensor], summed_over: int = 1) -> None:
+        """The gradients ``grads`` of ``params`` (whole, identical on every rank): averaged, or
+        sums over ``summed_over`` ranks (a power of two; see :meth:`folds`)."""
         step = self._step
         if step is None or not grads:
             return
         norms = torch._foreach_norm(list(grads), self.norm_type)
+        if summed_over != 1:
+            torch._foreach_div_(norms, float(summed_over))
         order = self.order
         pairs = [(order.get(id(p), -1), n) for p, n in zip(params, norms)]
         with self._lock:
@@ -263,11 +280,15 @@ class GlobalClipper:
         cache: dict[str, Any] | None = None,
         keys: list[Tensor] | None = None,
         found_inf: Tensor | None = None,
+        grad_scale: Tensor | None = None,
     ) -> None:
         """A bucket's update of one param group: run it now (speculating) or keep it for
-        ``step()`` (deferring, or an optimizer without a correction rule)."""
+        ``step()`` (deferring, or an optimizer without a correction rule). ``grad_scale``:
+        ``grads`` are sums to average (by the kernel, or first where it keeps the update)."""
         step = self._step
         extra: dict[str, Any] = {}
+        if grad_scale is not None:
+            extra["grad_scale"] = grad_scale
         if keys is not None:
             extra["keys"] = keys
         if found_inf is not None:
@@ -276,6 +297,9 @@ class GlobalClipper:
             optimizer.update(group_index, params, grads, cache, **extra)
             return
         deferred = step.deferring or not optimizer.corrects_clip(group_index)
+        if deferred and grad_scale is not None:
+            divide(grads, grad_scale)
+            del extra["grad_scale"]
         entry = Entry(optimizer, group_index, params, grads, cache, keys, found_inf, deferred)
         if not deferred:
             entry.before = optimizer.before_speculation(group_index, params, cache, keys)

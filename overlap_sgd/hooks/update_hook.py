@@ -187,7 +187,12 @@ def _updater(
         with labelled(label):
             try:
                 found = None
-                if scale is not None and (finite is not None or clipper is not None):
+                summed = 1
+                if scale is not None and clipper is not None and clip is None and used is None and clipper.folds(
+                    [(seg.optimizer, seg.group_index) for seg in plan.segments], state.world_size
+                ):
+                    summed = state.world_size  # the kernels average the sums as they update
+                elif scale is not None and (finite is not None or clipper is not None):
                     plan.divide(result, scale, part)
                     scale = None
                 if finite is not None:
@@ -198,8 +203,8 @@ def _updater(
                     params, grads = clip_inputs(plan, plan.views(result), used, plan.positions(part))
                     if clip is not None:
                         clip.apply(grads)
-                    clipper.observe_whole(params, grads)
-                    plan.run(result, used, None, part, None, found, clipper)
+                    clipper.observe_whole(params, grads, summed)
+                    plan.run(result, used, None, part, scale, found, clipper)
             except Exception as exc:
                 # Kept, not raised here: the bucket's future still completes, so DDP finishes
                 # the backward pass cleanly, and the error is raised with its own type at its end.
