@@ -297,7 +297,10 @@ def test_sharded_example_resumes_bit_identical_after_a_crash_and_on_three_ranks(
     # --shard: each rank writes its share of the optimizer state into a checkpoint directory. A
     # killed rank's job resumes from it and ends bit-identical to one that never crashed; and the
     # same checkpoint resumes on three ranks, sharded again, as post-backward training does.
-    args = ["--shard", "--steps", "10", "--checkpoint-every", "5", "--log-every", "5", "--optimizer", "adamw", *SMALL]
+    # Global-norm clipping too: its policy state travels in the checkpoint, so the resumed run
+    # speculates or defers as the uninterrupted one does.
+    args = ["--shard", "--steps", "10", "--checkpoint-every", "5", "--log-every", "5", "--optimizer", "adamw",
+            "--clip", "0.5", *SMALL]
     crashed = torchrun(*args, "--crash-at-step", "7", "--checkpoint-dir", "D1", "--save-final", "F1",
                        restarts=1, cwd=tmp_path, timeout=150)
     assert "resumed from step 5 (restart attempt 1)" in crashed, crashed[-4000:]
@@ -311,12 +314,14 @@ def test_sharded_example_resumes_bit_identical_after_a_crash_and_on_three_ranks(
     for mode, extra in (("overlap", ["--shard"]), ("post", [])):
         directory = tmp_path / f"three-{mode}"
         shutil.copytree(tmp_path / "D1" / "ckpt-00000005.dcp", directory / "ckpt-00000005.dcp")
-        out = torchrun(*RESUME, "--mode", mode, *extra, "--checkpoint-dir", str(directory),
+        out = torchrun(*RESUME, "--mode", mode, *extra, "--clip", "0.5", "--checkpoint-dir", str(directory),
                        "--save-final", f"three-{mode}.pt", nproc=3, cwd=tmp_path, timeout=120)
         assert "resumed from step 5" in out and "| 3 ranks on cpu |" in out, out[-4000:]
         results[mode] = torch.load(tmp_path / f"three-{mode}.pt", weights_only=True)
     for name, value in results["overlap"]["model"].items():
         assert torch.isfinite(value).all(), name
         # Within rounding: with 3 ranks DDP averages before summing and the sharded update after,
-        # and unpinned AdamW runs the fused kernel in the update, the multi-tensor one after backward.
-        torch.testing.assert_close(value, results["post"]["model"][name], rtol=1e-5, atol=1e-6, msg=name)
+        # unpinned AdamW runs the fused kernel in the update, the multi-tensor one after backward,
+        # and a clipped step is corrected after its update (Adam's m / sqrt(v) amplifies the
+        # correction's last bits where a gradient element is near zero).
+        torch.testing.assert_close(value, results["post"]["model"][name], rtol=1e-4, atol=5e-5, msg=name)

@@ -354,6 +354,10 @@ class FunctionalOptimizer:
                 extra["keys"] = keys
             self._update(group, params, grads, cache, **extra)
 
+    #: What :meth:`correct_clip` costs, in updates of the same parameters (memory passes
+    #: counted): global-norm clipping's ``"auto"`` policy speculates only while clipping fires
+    #: on fewer than ``1 / cost`` of the recent steps (see :mod:`overlap_sgd.hooks.norm_clip`).
+    clip_correction_cost: ClassVar[float] = 1.0
     #: Whether :meth:`_update` accepts ``grad_scale`` (and divides by it itself).
     folds_grad_scale: ClassVar[bool] = False
     #: Whether :meth:`_update` accepts ``found_inf`` (and skips the update where it is set).

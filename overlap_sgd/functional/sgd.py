@@ -152,6 +152,10 @@ class FunctionalSGD(FunctionalOptimizer):
     # kb = 1 for a buffer this step created, else 1 - dampening, and kp = 1 + momentum*kb
     # (nesterov) or kb. Without momentum, p changes by -lr*D.
 
+    #: Two passes (momentum buffer and parameter, each reading the gradient) against the
+    #: update's one.
+    clip_correction_cost = 1.5
+
     def corrects_clip(self, group_index: int) -> bool:
         return True
 

@@ -18,10 +18,12 @@ to have both, chosen per step:
   the gradients and runs every bucket's update, as a post-backward step would. No
   correction, no overlap for that step.
 
-The policy (:class:`ClipGradNorm`'s ``policy``): ``"speculate"``, ``"defer"``, or ``"auto"``,
-which speculates unless clipping fired on at least :data:`AUTO_DEFER_FRACTION` of the
-last :data:`AUTO_WINDOW` steps (a correction costs about one more optimizer pass, exposed;
-deferring exposes one whole step, so speculating pays while most steps do not clip).
+The policy (:class:`ClipGradNorm`'s ``policy``): ``"speculate"``, ``"defer"``, or ``"auto"``.
+A correction runs in ``step()``, exposed, and costs ``clip_correction_cost`` updates (about 1.5
+for SGD, 4 for Adam: the multi-tensor passes it takes); deferring exposes one whole update. So
+``"auto"`` defers the first step (early steps clip most) and then speculates while clipping
+fired on fewer than ``1 / cost`` of the last :data:`AUTO_WINDOW` steps: Adam speculates while
+fewer than a quarter of the recent steps clipped, SGD while fewer than two thirds.
 Optimizers without a correction rule (Adagrad, RMSprop, Muon, ``amsgrad=True``, the generic
 path) always run deferred; ``error_if_nonfinite=True`` and ``check_finite`` do too, since
 they promise that no parameter moves when a gradient is not finite.
@@ -44,6 +46,7 @@ from __future__ import annotations
 import collections
 import math
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,14 +57,12 @@ from torch import Tensor
 
 from ..functional.base import divide
 
-__all__ = ["AUTO_DEFER_FRACTION", "AUTO_WINDOW", "POLICIES", "ClipGradNorm", "GlobalClipper"]
+__all__ = ["AUTO_WINDOW", "POLICIES", "ClipGradNorm", "GlobalClipper"]
 
 #: The clipping policies: see the module docs.
 POLICIES = ("auto", "speculate", "defer")
-#: ``"auto"`` looks back this many steps ...
+#: ``"auto"`` looks back this many steps.
 AUTO_WINDOW = 8
-#: ... and defers while clipping fired on at least this fraction of them.
-AUTO_DEFER_FRACTION = 0.5
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,26 @@ def check_max_norm(value: Any, name: str) -> float:
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"{name} must be positive and finite, got {value}")
     return float(value)
+
+
+#: Optimizer classes already warned about (:func:`_warn_deferred`): once per process.
+_WARNED: set[type] = set()
+
+
+def _warn_deferred(optimizers: Sequence[Any]) -> None:
+    """Warn once per optimizer class whose updates cannot be corrected (they run deferred)."""
+    for f in optimizers:
+        cls = type(f.optimizer)
+        if cls in _WARNED or all(f.corrects_clip(gi) for gi in range(len(f.param_groups))):
+            continue
+        _WARNED.add(cls)
+        warnings.warn(
+            f"{cls.__name__} has no clipping correction (see overlap_sgd.hooks.norm_clip"
+            f"{'; amsgrad cannot be undone' if any(g.get('amsgrad') for g in f.param_groups) else ''}): "
+            "with clip_grad_norm its bucket updates wait for the global norm every step and run "
+            "in step(), clipped exactly, as a post-backward step would",
+            stacklevel=4,
+        )
 
 
 @dataclass
@@ -175,6 +196,7 @@ class GlobalClipper:
         #: A non-finite norm skips the whole step (``check_finite``) instead of scaling by it.
         self.skip_nonfinite = force_defer
         self.history: collections.deque[bool] = collections.deque(maxlen=AUTO_WINDOW)
+        _warn_deferred(self.optimizers)
         self._lock = threading.Lock()
         self._step: _Step | None = None
         #: The last settled step's total norm (0-dim tensor) and whether it clipped.
@@ -212,9 +234,18 @@ class GlobalClipper:
         """Whether the next step runs deferred (the same answer on every rank)."""
         if self.force_defer:
             return True
-        if self.options.policy == "speculate" or not self.history:
+        if self.options.policy == "speculate":
             return False
-        return sum(self.history) >= AUTO_DEFER_FRACTION * len(self.history)
+        if not self.history:
+            return True  # early steps clip most: learn before speculating
+        return sum(self.history) * self.correction_cost >= len(self.history)
+
+    @property
+    def correction_cost(self) -> float:
+        """The dearest correction among the optimizers that have one, in updates."""
+        costs = [f.clip_correction_cost for f in self.optimizers
+                 if any(f.corrects_clip(gi) for gi in range(len(f.param_groups)))]
+        return max(costs, default=1.0)
 
     def discard(self) -> None:
         """Forget the step (its backward raised: the loop will not reach ``step()``)."""
