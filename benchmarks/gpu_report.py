@@ -370,6 +370,9 @@ def probe(device: str) -> int:
 
     print(f"python {platform.python_version()} | torch {torch.__version__} | CUDA {torch.version.cuda}")
     print(" | ".join(f"{name} {_version(name)}" for name in ("numpy", "pytest", "pytest-timeout", "matplotlib")))
+    missing = _imports()
+    for name, why in missing.items():
+        print(f"missing: {name} ({why})", file=sys.stderr if name in REQUIRED else sys.stdout)
     available = torch.cuda.is_available()
     print(f"CUDA available: {available} | devices: {torch.cuda.device_count() if available else 0}")
     if available:
@@ -383,7 +386,28 @@ def probe(device: str) -> int:
     if device == "cuda" and not available:
         print("no CUDA device visible to torch: the GPU check needs one", file=sys.stderr)
         return 3
+    if any(name in REQUIRED for name in missing):
+        return 4
     return 0
+
+
+#: What each part of the GPU check imports: the measurement cannot run without these ...
+REQUIRED = ("pytest", "overlap_sgd", "benchmarks.overlap_bench", "benchmarks.gpu_report")
+#: ... and these only add to it: the plots (matplotlib), the tests' hard timeouts.
+OPTIONAL = {"matplotlib": "no plots", "pytest_timeout": "no per-test time limits", "numpy": "not needed"}
+
+
+def _imports() -> dict[str, str]:
+    """Modules the check needs that do not import here, with what is lost without each."""
+    import importlib
+
+    missing = {}
+    for name in REQUIRED + tuple(OPTIONAL):
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - any failure to import counts
+            missing[name] = f"{type(exc).__name__}: {exc}; " + OPTIONAL.get(name, "required")
+    return missing
 
 
 def main(argv: list[str] | None = None) -> int:

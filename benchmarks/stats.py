@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import numpy as np
-
-__all__ = ["RATIOS", "compare", "hidden_fraction", "ratio", "step_max", "summarize"]
+__all__ = ["RATIOS", "compare", "hidden_fraction", "percentile", "ratio", "step_max", "summarize"]
 
 #: The ratios reported for every run, as (numerator mode, denominator mode).
 RATIOS: tuple[tuple[str, str], ...] = (
@@ -27,18 +25,35 @@ RATIOS: tuple[tuple[str, str], ...] = (
 )
 
 
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile of ``values``, interpolated linearly between the two nearest
+    ranks (numpy's default), in plain Python: the GPU check measures on machines without numpy.
+
+    Example:
+        >>> percentile([1.0, 2.0, 3.0, 4.0], 25)
+        1.75
+    """
+    a = sorted(float(v) for v in values)
+    if not a:
+        raise ValueError("percentile() of no values")
+    pos = (len(a) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(a) - 1)
+    return a[lo] + (a[hi] - a[lo]) * (pos - lo)
+
+
 def summarize(times: Sequence[float]) -> dict[str, float | int]:
     """Median, quartiles, p10/p90, mean, min and max of ``times`` (seconds)."""
     if len(times) == 0:
         return {"n": 0}
-    a = np.asarray(times, dtype=float)
-    p10, q1, median, q3, p90 = np.percentile(a, [10, 25, 50, 75, 90])
+    a = [float(t) for t in times]
+    p10, q1, median, q3, p90 = (percentile(a, q) for q in (10, 25, 50, 75, 90))
     return {
-        "n": int(a.size),
+        "n": len(a),
         "median": float(median),
-        "mean": float(a.mean()),
-        "min": float(a.min()),
-        "max": float(a.max()),
+        "mean": sum(a) / len(a),
+        "min": min(a),
+        "max": max(a),
         "p10": float(p10),
         "p90": float(p90),
         "q1": float(q1),

@@ -78,6 +78,10 @@ TWO_RANKS = [
     S("frozen", SGD, net={"frozen": True}),
     S("unused-sgd", SGD, net={"branch": True}, ddp={"find_unused_parameters": True},
       branch_rule="mixed", steps=8),
+    # A parameter no rank used in a step, split across ranks (its .grad is None on each), with
+    # gradients zeroed in place: post-backward steps it with its zero gradient.
+    S("unused-zeroed-in-place-many-buckets", SGD, net={"branch": True}, ddp={"find_unused_parameters": True},
+      branch_rule="mixed", zero="zeros", steps=8),
     S("unused-adam-bucket-view", ADAM, net={"branch": True}, branch_rule="mixed", steps=8,
       ddp={"find_unused_parameters": True, "gradient_as_bucket_view": True}),
     S("no-sync-accumulation", SGD, accumulate=3),
@@ -285,6 +289,29 @@ def _never_zeroed(rank: int, world_size: int) -> list[str]:
     return [str(w.message) for w in caught if "not zeroed" in str(w.message)]
 
 
+def _zeroed_in_place(rank: int, world_size: int, grad_views: bool) -> list[str]:
+    import warnings
+
+    torch.manual_seed(0)
+    model = DDP(Net(), bucket_cap_mb=0.004)
+    opt = overlap_sgd.overlap(model, torch.optim.SGD(model.parameters(), lr=0.05), shard=True,
+                              grad_views=grad_views)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(4):
+            x, y = batch(step, rank)
+            F.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+    return [str(w.message) for w in caught if "not zeroed" in str(w.message)]
+
+
+@pytest.mark.parametrize("grad_views", [True, False])
+def test_gradients_zeroed_in_place_are_not_reported(grad_views: bool) -> None:
+    # zero_grad(set_to_none=False) zeroes them: no warning that they were not.
+    assert run_distributed(_zeroed_in_place, 2, grad_views, timeout=60) == [[], []]
+
+
 def test_gradients_left_unzeroed_across_steps_are_reported() -> None:
     # Sharded, a rank holds only some averaged gradients whole: gradients cannot accumulate
     # across optimizer steps, and a loop that relies on it is told so (once), not trained wrongly
@@ -321,3 +348,52 @@ def test_float16_buckets_are_averaged_before_they_are_summed() -> None:
     # the sharded update (summing first gives inf).
     (reference, _), (sharded, _) = (run_distributed(_half_gradients, 2, s, timeout=60) for s in (None, True))
     assert all(abs(v) < 1 for v in sharded) and sharded == reference, (sharded, reference)
+
+
+def _failed_collective(rank: int, world_size: int, ranks: tuple[int, ...]) -> dict:
+    from overlap_sgd.hooks import shard_hook
+
+    real, calls = shard_hook.reduce_scatter, []
+
+    def failing(out, inp, group, waiter):
+        calls.append(inp.numel())
+        if len(calls) == FAILED_CALL and rank in ranks:
+            real(out, inp, group, waiter).wait()  # the collective ran; its result is lost here
+            future = torch.futures.Future()
+            future.set_exception(RuntimeError("injected reduce-scatter failure"))
+            return future
+        return real(out, inp, group, waiter)
+
+    shard_hook.reduce_scatter = failing
+    torch.manual_seed(0)
+    model = DDP(Net(width=32, depth=4), bucket_cap_mb=0.004)
+    opt = overlap_sgd.overlap(model, torch.optim.SGD(model.parameters(), lr=0.05), shard=True)
+    out = {"error": None, "at_step": None}
+    for step in range(2):
+        x, y = batch(step, rank)
+        try:
+            F.mse_loss(model(x), y).backward()
+        except RuntimeError as exc:
+            out["error"], out["at_step"] = str(exc), step
+            break
+        opt.step()
+        opt.zero_grad()
+    out["buckets"] = len(model._overlap_sgd_state._plans)
+    torch.distributed.barrier()  # every rank gets here: none is left waiting in a collective
+    return out
+
+
+#: The reduce-scatter that fails: the second step's second one, with buckets after it.
+FAILED_CALL = 3
+
+
+@pytest.mark.parametrize("ranks", [(0, 1), (0,)], ids=["on-every-rank", "on-one-rank"])
+def test_a_failed_collective_fails_the_step_and_never_hangs(ranks: tuple[int, ...]) -> None:
+    # The bucket whose communication failed still takes its turn in the all-gathers, so that
+    # later buckets and the other ranks are not left waiting for it; its error ends backward.
+    for rank, out in enumerate(run_distributed(_failed_collective, 2, ranks, timeout=60, pg_timeout=20)):
+        if rank in ranks:
+            assert out["at_step"] == 1 and "injected reduce-scatter failure" in out["error"], out
+        else:
+            assert out["error"] is None, out
+        assert out["buckets"] >= FAILED_CALL, out  # buckets after the failed one existed

@@ -10,7 +10,9 @@
 # numpy are used when present (numpy is needed by the benchmark).
 #
 # Parts, in this order, each under its own time limit so that one hang cannot eat the others:
-#   env        versions and the GPU (stops the check when torch sees no CUDA device)
+#   env        versions, the GPU and every import the check needs (stops the check when torch
+#              sees no CUDA device or a required module does not import; a missing optional
+#              one, matplotlib or numpy, costs only the plots)
 #   tests      python3 -m pytest tests/test_cuda.py -v (a missing file is reported, not fatal)
 #   bench-gpt  GPT-2-small-sized decoder (12 x 768, 12 heads, seq 1024, vocab 50304, batch 8)
 #   bench-mlp  MLP of 32 x Linear(4096), batch 4096
@@ -181,7 +183,11 @@ run_part env "$t_env" "${env_cmd[@]}"
 st=$(status_of)
 record env "$st" "$t_env"
 if [ "$st" != ok ]; then
-    say "stopping: no usable CUDA device (see above); --dry-run shows what the check runs"
+    if [ "$rc" = 4 ]; then
+        say "stopping: a module the check needs does not import (see 'missing:' above)"
+    else
+        say "stopping: no usable CUDA device (see above); --dry-run shows what the check runs"
+    fi
     exit 2
 fi
 

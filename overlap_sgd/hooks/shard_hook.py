@@ -98,6 +98,11 @@ class ShardHookState(HookState):
         #: (parameter, its .grad, that tensor's version) when step() was last called.
         self._at_step: list[tuple[Tensor, Tensor, int]] = []
         self._warned_unzeroed = False
+        #: Parameters that have a gradient in post-backward training (they were used since the
+        #: loop last set gradients to None) but whose ``.grad`` is ``None`` here, as this rank
+        #: holds only pieces of it: unused in a step, they are stepped with a zero gradient, as
+        #: the post-backward step steps an in-place zeroed ``.grad``.
+        self._piece_grads: set[int] = set()
 
     @property
     def waiter(self) -> Waiter:
@@ -168,6 +173,10 @@ class ShardHookState(HookState):
             self._at_step = [(p, p.grad, p.grad._version) for p in params if p.grad is not None]
         super().acknowledge_step(optimizer_index)
 
+    def note_zero_grad(self, params: Sequence[Tensor], set_to_none: bool) -> None:
+        if set_to_none:
+            self._piece_grads.difference_update(id(p) for p in params)
+
     def reclaim_grads(self, params: Optional[Sequence[Tensor]] = None, zero: bool = False) -> None:
         at_step, self._at_step = self._at_step, []
         if params is None and any(p.grad is g and g._version == v for p, g, v in at_step):
@@ -228,16 +237,20 @@ def _future(used: Optional[UsedLaunch]) -> Optional[Future]:
     return None if used is None else used.future
 
 
-def _chain(first: Future, done: Completion) -> None:
-    """Fail ``done`` if ``first`` failed (its successor will then never be launched)."""
+def _fail_into_step(update: Future, state: "ShardHookState", take_part: Callable[[], None]) -> None:
+    """Where ``update`` failed before its update ran (the bucket's communication failed): keep
+    the error for the end of backward, which raises it, and still ``take_part()`` in the
+    bucket's all-gather with the parameters as they are. The all-gathers of later buckets wait
+    for this one's turn, and the other ranks for this rank's part: skipping it would hang them."""
 
     def check() -> None:
         try:
-            first.wait()
+            update.wait()
         except Exception as exc:
-            done.set_error(exc)
+            state.record_error(exc)
+            take_part()
 
-    when_all([first], check)
+    when_all([update], check)
 
 
 def _by_elements(
@@ -285,15 +298,21 @@ def _by_elements(
             # Whatever happened, this rank takes part in the all-gather.
             try:
                 _hand_out_pieces(state, plan, layout, shard, buffer, used_flags)
-                layout.pack(buffer[layout.start : layout.stop], shard)
             except Exception as exc:
                 state.record_error(exc)
-            state.sequencer.submit(
-                plan.index, lambda: _gather_elements(state, plan, layout, buffer, executor, done, used_flags),
-                plan.device,
-            )
+            take_part(used_flags)
 
-    _chain(executor.after(landed, _future(used), update), done)
+    def take_part(used_flags: Optional[list[int]]) -> None:
+        try:
+            layout.pack(buffer[layout.start : layout.stop], shard)
+        except Exception as exc:
+            state.record_error(exc)
+        state.sequencer.submit(
+            plan.index, lambda: _gather_elements(state, plan, layout, buffer, executor, done, used_flags),
+            plan.device,
+        )
+
+    _fail_into_step(executor.after(landed, _future(used), update), state, lambda: take_part(None))
     return done.future
 
 
@@ -331,6 +350,10 @@ def _update_pieces(
             elif key.grad is not None:  # no rank used it: post-backward steps with the old .grad
                 params.append(view)
                 gs.append(flat(key.grad)[pc.lo : pc.hi])
+                keys.append(key)
+            elif id(key) in state._piece_grads:  # its .grad, zeroed in place, exists only in pieces
+                params.append(view)
+                gs.append(torch.zeros(pc.hi - pc.lo, dtype=shard.dtype, device=shard.device))
                 keys.append(key)
         if not params:
             continue
@@ -396,6 +419,7 @@ def _hand_out_pieces(
         pc = whole.get(pos)
         if pc is None:
             p.grad = None
+            state._piece_grads.add(id(p))
             continue
         # The shard holds the gradient in the parameter's memory order.
         view = shard.as_strided(p.shape, p.stride(), shard.storage_offset() + pc.at)
@@ -508,15 +532,21 @@ def _by_params(
                     state.hand_out_grads(plan, result, used_flags, None)
                 else:  # DDP's copy is off (its buckets end up holding parameters): copy here
                     _copy_grads(plan, result, used_flags)
-                mine = _pack_owned(plan, layout)
             except Exception as exc:
                 state.record_error(exc)
-                mine = torch.zeros(layout.slot, dtype=plan.dtype, device=plan.device)
-            state.sequencer.submit(
-                plan.index, lambda: _gather_params(state, plan, layout, mine, result, executor, done), plan.device
-            )
+            take_part(result)
 
-    _chain(executor.after(comm, _future(used), update), done)
+    def take_part(result: Tensor) -> None:
+        try:
+            mine = _pack_owned(plan, layout)
+        except Exception as exc:
+            state.record_error(exc)
+            mine = torch.zeros(layout.slot, dtype=plan.dtype, device=plan.device)
+        state.sequencer.submit(
+            plan.index, lambda: _gather_params(state, plan, layout, mine, result, executor, done), plan.device
+        )
+
+    _fail_into_step(executor.after(comm, _future(used), update), state, lambda: take_part(bucket.buffer()))
     return done.future
 
 

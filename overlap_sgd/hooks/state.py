@@ -253,6 +253,9 @@ class HookState:
         (before each forward; see :meth:`~overlap_sgd.hooks.handout.GradHandout.reclaim`)."""
         self.handout.reclaim(params, zero)
 
+    def note_zero_grad(self, params: Sequence[Tensor], set_to_none: bool) -> None:
+        """The loop zeroed ``params``' gradients (to ``None`` or in place). Nothing to note here."""
+
     def grads_changed_since_backward(self) -> bool:
         """Whether gradients were modified in place after backward ended."""
         return self.handout.changed_since_backward()
