@@ -230,3 +230,23 @@ def test_summary_of_a_cuda_shaped_run(tmp_path):
     assert "skipped: gpt 12x768 adamw upstream: _register_fused_optim failed: no" in text
     assert [t["met"] for t in summary["targets"]] == [True, True]
     assert text.count(": met") == 2
+
+
+def test_the_probe_reports_missing_imports_and_stops_only_for_required_ones(monkeypatch, capsys):
+    from benchmarks import gpu_report
+
+    # An optional module missing (no plots): the check goes on.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "numpy", None)
+    assert gpu_report.probe("cpu") == 0
+    out = capsys.readouterr().out
+    assert "missing: matplotlib" in out and "no plots" in out and "missing: numpy" in out
+    # The measurement does not need numpy: the statistics are plain Python.
+    from benchmarks.stats import percentile, summarize
+
+    assert percentile([4.0, 1.0, 3.0, 2.0], 25) == 1.75 and summarize([1.0, 2.0, 3.0])["median"] == 2.0
+    # A required one missing: the probe fails (the check then stops after its env part).
+    monkeypatch.setitem(sys.modules, "pytest_timeout", None)
+    monkeypatch.setitem(sys.modules, "pytest", None)
+    assert gpu_report.probe("cpu") == 4
+    assert "missing: pytest (" in capsys.readouterr().err
