@@ -180,9 +180,9 @@ class FunctionalAdam(FunctionalOptimizer):
     # recomputed from G' directly, which keeps strong clipping from cancelling digits.
     # ``amsgrad``'s running max cannot be undone: those groups run deferred.
 
-    #: About ten multi-tensor passes against the fused update's one: measured 4 to 7 times
-    #: one fused AdamW step on CPU (benchmarks, README).
-    clip_correction_cost = 4.0
+    #: About ten multi-tensor passes against the fused update's one: measured at 2 to 3 fused
+    #: AdamW steps in training on two CPU ranks (benchmarks, README), up to 6 in isolation.
+    clip_correction_cost = 3.0
 
     def corrects_clip(self, group_index: int) -> bool:
         group = self.param_groups[group_index]

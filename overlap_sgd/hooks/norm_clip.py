@@ -20,10 +20,10 @@ to have both, chosen per step:
 
 The policy (:class:`ClipGradNorm`'s ``policy``): ``"speculate"``, ``"defer"``, or ``"auto"``.
 A correction runs in ``step()``, exposed, and costs ``clip_correction_cost`` updates (about 1.5
-for SGD, 4 for Adam: the multi-tensor passes it takes); deferring exposes one whole update. So
+for SGD, 3 for Adam: the multi-tensor passes it takes); deferring exposes one whole update. So
 ``"auto"`` defers the first step (early steps clip most) and then speculates while clipping
 fired on fewer than ``1 / cost`` of the last :data:`AUTO_WINDOW` steps: Adam speculates while
-fewer than a quarter of the recent steps clipped, SGD while fewer than two thirds.
+fewer than a third of the recent steps clipped, SGD while fewer than two thirds.
 Optimizers without a correction rule (Adagrad, RMSprop, Muon, ``amsgrad=True``, the generic
 path) always run deferred; ``error_if_nonfinite=True`` and ``check_finite`` do too, since
 they promise that no parameter moves when a gradient is not finite.
