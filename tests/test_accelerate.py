@@ -44,15 +44,19 @@ def _prepared(mixed_precision: str = "no"):
         cpu=True, mixed_precision=mixed_precision, gradient_accumulation_steps=ACCUMULATE,
         kwargs_handlers=[DistributedDataParallelKwargs(bucket_cap_mb=0.002)],
     )
+    model, opt, sched = accelerator.prepare(*_model_and_optimizer())
+    return accelerator, model, opt, sched
+
+
+def _model_and_optimizer() -> tuple:
+    """The test model (seeded), its AdamW (decay on matrices only) and a StepLR."""
     torch.manual_seed(0)
     net = Net(width=32, depth=3)
     decay = [p for p in net.parameters() if p.dim() >= 2]
     rest = [p for p in net.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
                             lr=1e-2, fused=True)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
-    model, opt, sched = accelerator.prepare(net, opt, sched)
-    return accelerator, model, opt, sched
+    return net, opt, torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
 
 
 def _train(accelerator, model, opt, sched, rank: int, steps: range, clip: float | None = None) -> None:
@@ -209,14 +213,7 @@ def routed_clip_body(rank: int, world_size: int) -> dict:
     _launcher_env(rank, world_size)
     accelerator, model, opt, sched = _prepared()
     # The reference: a second model of the same weights, post-backward, in the same accelerator.
-    torch.manual_seed(0)
-    net = Net(width=32, depth=3)
-    decay = [p for p in net.parameters() if p.dim() >= 2]
-    rest = [p for p in net.parameters() if p.dim() < 2]
-    ref_opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                                lr=1e-2, fused=True)
-    ref_sched = torch.optim.lr_scheduler.StepLR(ref_opt, step_size=3, gamma=0.5)
-    ref, ref_opt, ref_sched = accelerator.prepare(net, ref_opt, ref_sched)
+    ref, ref_opt, ref_sched = accelerator.prepare(*_model_and_optimizer())
 
     opt = overlap_sgd.overlap(model, opt, clip_grad_norm=1.0)
     with warnings.catch_warnings(record=True) as caught:

@@ -114,6 +114,12 @@ def check_max_norm(value: Any, name: str) -> float:
     return float(value)
 
 
+def _options(keys: Any = None, found_inf: Any = None, grad_scale: Any = None) -> dict[str, Any]:
+    """The keyword arguments of ``FunctionalOptimizer.update`` that are set."""
+    given = {"keys": keys, "found_inf": found_inf, "grad_scale": grad_scale}
+    return {name: value for name, value in given.items() if value is not None}
+
+
 #: Optimizer classes already warned about (:func:`_warn_deferred`): once per process.
 _WARNED: set[type] = set()
 
@@ -317,13 +323,7 @@ class GlobalClipper:
         ``step()`` (deferring, or an optimizer without a correction rule). ``grad_scale``:
         ``grads`` are sums to average (by the kernel, or first where it keeps the update)."""
         step = self._step
-        extra: dict[str, Any] = {}
-        if grad_scale is not None:
-            extra["grad_scale"] = grad_scale
-        if keys is not None:
-            extra["keys"] = keys
-        if found_inf is not None:
-            extra["found_inf"] = found_inf
+        extra = _options(keys, found_inf, grad_scale)
         if step is None:  # not a clipped step (a hook used by hand): plain update
             optimizer.update(group_index, params, grads, cache, **extra)
             return
@@ -376,12 +376,7 @@ class GlobalClipper:
                 self._scale_grads(step, coef)
             for e in step.entries:
                 if e.deferred:
-                    extra: dict[str, Any] = {}
-                    if e.keys is not None:
-                        extra["keys"] = e.keys
-                    if e.found_inf is not None:
-                        extra["found_inf"] = e.found_inf
-                    e.optimizer.update(e.group_index, e.params, e.grads, e.cache, **extra)
+                    e.optimizer.update(e.group_index, e.params, e.grads, e.cache, **_options(e.keys, e.found_inf))
             if fired or self._any_deferred(step):
                 for _, callback in sorted(step.after, key=lambda pair: pair[0]):
                     callback()
