@@ -72,8 +72,9 @@ class Scenario:
     slice_mb: float | str | None = "auto"
     #: Lowers ``slice_mb="auto"``'s minimum slice, so that the test's small buckets are cut.
     auto_min_slice_mb: float | None = None
-    #: After each step: "none" (zero_grad() to None), "zeros" (zero_grad(set_to_none=False)) or
-    #: "keep" (never zeroed: gradients accumulate across synchronised steps).
+    #: After each step: "none" (zero_grad() to None), "zeros" (zero_grad(set_to_none=False)),
+    #: "model" (the DDP model's zero_grad(), to None, not the optimizer's) or "keep" (never
+    #: zeroed: gradients accumulate across synchronised steps).
     zero: str = "none"
     grad_views: bool = True
     #: ``None``: bit-identical to the reference. Otherwise the tolerance and its reason.
@@ -326,8 +327,10 @@ def parity_body(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any
             else:
                 for o in optimizers:
                     o.step()
+            if scenario.zero == "model":
+                model.zero_grad()
             for o in optimizers:
-                if scenario.zero != "keep":
+                if scenario.zero in ("none", "zeros"):
                     o.zero_grad(set_to_none=scenario.zero == "none")
         grad_views = max(grad_views, views)
         plans_built.append(ovl._overlap_sgd_state.plans_built)

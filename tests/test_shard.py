@@ -82,6 +82,9 @@ TWO_RANKS = [
     # gradients zeroed in place: post-backward steps it with its zero gradient.
     S("unused-zeroed-in-place-many-buckets", SGD, net={"branch": True}, ddp={"find_unused_parameters": True},
       branch_rule="mixed", zero="zeros", steps=8),
+    # The same loop with the model's zero_grad() (to None): such a parameter is not stepped.
+    S("unused-model-zero-grad-many-buckets", SGD, net={"branch": True}, ddp={"find_unused_parameters": True},
+      branch_rule="mixed", zero="model", steps=8),
     S("unused-adam-bucket-view", ADAM, net={"branch": True}, branch_rule="mixed", steps=8,
       ddp={"find_unused_parameters": True, "gradient_as_bucket_view": True}),
     S("no-sync-accumulation", SGD, accumulate=3),

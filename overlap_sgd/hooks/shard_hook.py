@@ -179,6 +179,9 @@ class ShardHookState(HookState):
 
     def reclaim_grads(self, params: Optional[Sequence[Tensor]] = None, zero: bool = False) -> None:
         at_step, self._at_step = self._at_step, []
+        if params is None and any(p.grad is None for p, _, _ in at_step):
+            # The loop set gradients to None (model.zero_grad() too): none exists in pieces.
+            self._piece_grads.clear()
         if params is None and any(p.grad is g and g._version == v for p, g, v in at_step):
             # A forward after step(), and a gradient still as step() saw it: not zeroed.
             self._warned_unzeroed = True
