@@ -235,15 +235,16 @@ class OverlappedOptimizer(Optimizer):
         return bool(clipper is not None and clipper.clipped)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        params = [p for group in self.param_groups for p in group["params"]]
+        def params() -> list[Any]:
+            return [p for group in self.param_groups for p in group["params"]]
+
         if not set_to_none and getattr(self._hook_state, "grad_views", False):
             # Gradients that are still bucket views get zeros of their own rather than
             # zeroing the bucket, so no alias survives into the next backward.
-            self._hook_state.reclaim_grads(params, zero=True)
+            self._hook_state.reclaim_grads(params(), zero=True)
         self._optimizer.zero_grad(set_to_none=set_to_none)
-        note = getattr(self._hook_state, "note_zero_grad", None)
-        if note is not None:
-            note(params, set_to_none)
+        if set_to_none and self._sharded:
+            self._hook_state.note_zero_grad(params(), set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
         """The wrapped optimizer's state dict, in its exact format.

@@ -97,6 +97,11 @@ class BucketPlan:
         self._subsets: dict[tuple[Any, ...], Part] = {}
         self._unowned: dict[tuple[int, int], list[int]] = {}
         self._views_lock = threading.Lock()
+        #: :func:`clip_inputs` of fully used buckets, per (views, positions).
+        self._clip_inputs: dict[Any, tuple[list[Tensor], list[Tensor]]] = {}
+        #: Whether every segment's optimizer can correct a clipped update (see
+        #: :meth:`~overlap_sgd.hooks.norm_clip.GlobalClipper.folds`); worked out once.
+        self.corrects_clip: bool | None = None
         self._scale: tuple[int, Tensor] | None = None
         self._unit: Tensor | None = None
         by_owner: dict[tuple[int, int], Segment] = {}
@@ -212,6 +217,7 @@ class BucketPlan:
                     views = self._views_of(result)
                     for seg in self._all_segments():
                         seg.grads = None
+                    self._clip_inputs = {}
                     self._views, self._views_key = views, key
         return self._views
 
@@ -455,6 +461,14 @@ def clip_inputs(plan: BucketPlan, views: list[Tensor], used: list[int] | None, p
     """The (parameter, gradient) pairs of ``plan``'s bucket at ``positions`` that count towards
     the global norm, as ``clip_grad_norm_`` would find them in ``.grad`` after backward: the
     communicated gradient, or, for a parameter no rank used, its ``.grad`` if it has one."""
+    if used is None:  # the same lists every step while the bucket's views stay
+        key = (plan._views_key, tuple(positions) if not isinstance(positions, range) else (positions.start, positions.stop))
+        cached = plan._clip_inputs.get(key)
+        if cached is None:
+            cached = plan._clip_inputs[key] = (
+                [plan.params[pos] for pos in positions], [views[pos] for pos in positions]
+            )
+        return cached
     params: list[Tensor] = []
     grads: list[Tensor] = []
     for pos in positions:

@@ -194,6 +194,8 @@ class GlobalClipper:
     ):
         self.options = options
         self.order = {id(p): i for i, p in enumerate(params)}
+        #: id(parameter list) -> (that list, its model-order indices), for lists seen again.
+        self._indices: dict[int, tuple[Sequence[Tensor], list[int]]] = {}
         self.params = list(params)
         self.optimizers = list(optimizers)
         self.process_group = process_group
@@ -266,29 +268,35 @@ class GlobalClipper:
     def norm_type(self) -> float:
         return self.options.norm_type
 
-    def folds(self, optimizers: Sequence[Any], world_size: int) -> bool:
-        """Whether a bucket whose gradients are still sums over ``world_size`` ranks may keep
-        them so, for kernels that average while they update (sparing a pass over the bucket):
-        the step speculates, every segment's optimizer (``(optimizer, group)`` pairs) has a
-        correction, and dividing by ``world_size`` is exact (a power of two), so that the norm
-        of the sum divided by it is bit for bit the norm of the average."""
+    def folds(self, plan: Any, world_size: int) -> bool:
+        """Whether ``plan``'s bucket, whose gradients are still sums over ``world_size`` ranks,
+        may keep them so, for kernels that average while they update (sparing a pass over the
+        bucket): the step speculates, every segment's optimizer has a correction (worked out
+        once per plan; an update found without one later averages first), and dividing by
+        ``world_size`` is exact (a power of two), so that the norm of the sum divided by it is
+        bit for bit the norm of the average."""
         step = self._step
-        return (
-            step is not None and not step.deferring and world_size & (world_size - 1) == 0
-            and all(f.corrects_clip(gi) for f, gi in optimizers)
-        )
+        if step is None or step.deferring or world_size & (world_size - 1):
+            return False
+        if plan.corrects_clip is None:
+            plan.corrects_clip = all(seg.optimizer.corrects_clip(seg.group_index) for seg in plan.segments)
+        return plan.corrects_clip
 
-    def observe_whole(self, params: Sequence[Tensor], grads: Sequence[Tensor], summed_over: int = 1) -> None:
+    def observe_whole(self, params: list[Tensor], grads: list[Tensor], summed_over: int = 1) -> None:
         """The gradients ``grads`` of ``params`` (whole, identical on every rank): averaged, or
         sums over ``summed_over`` ranks (a power of two; see :meth:`folds`)."""
         step = self._step
         if step is None or not grads:
             return
-        norms = torch._foreach_norm(list(grads), self.norm_type)
+        norms = torch._foreach_norm(grads, self.norm_type)
         if summed_over != 1:
             torch._foreach_div_(norms, float(summed_over))
-        order = self.order
-        pairs = [(order.get(id(p), -1), n) for p, n in zip(params, norms)]
+        indices = self._indices.get(id(params))
+        if indices is None or indices[0] is not params:  # not these very params: look them up
+            if len(self._indices) >= 4096:  # lists made afresh each step (unused parameters)
+                self._indices.clear()
+            indices = self._indices[id(params)] = (params, [self.order.get(id(p), -1) for p in params])
+        pairs = list(zip(indices[1], norms))
         with self._lock:
             step.whole.extend(pairs)
 

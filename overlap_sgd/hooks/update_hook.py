@@ -189,7 +189,7 @@ def _updater(
                 found = None
                 summed = 1
                 if scale is not None and clipper is not None and clip is None and used is None and clipper.folds(
-                    [(seg.optimizer, seg.group_index) for seg in plan.segments], state.world_size
+                    plan, state.world_size
                 ):
                     summed = state.world_size  # the kernels average the sums as they update
                 elif scale is not None and (finite is not None or clipper is not None):
