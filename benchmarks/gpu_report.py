@@ -157,6 +157,7 @@ def collect(out_dir: str | Path) -> dict[str, Any]:
         "tool": "tools/gpu_check.sh",
         "parts": read_parts(out / "parts.tsv"),
         "tests": read_junit(out / "cuda_tests.xml"),
+        "sanitizer": read_junit(out / "sanitizer_tests.xml"),
         "environment": environment,
         "options": options,
         "runs": rows,
@@ -193,15 +194,16 @@ def format_summary(summary: dict[str, Any]) -> str:
     if parts:
         lines.append("parts: " + " | ".join(
             f"{p['name']} {p['status']} {_num(p['seconds'], '.1f')} s" for p in parts))
-    tests = summary.get("tests")
-    if tests and "error" not in tests:
-        line = (f"CUDA tests: {tests['passed']} passed, {tests['failures'] + tests['errors']} failed, "
-                f"{tests['skipped']} skipped")
-        if tests["failed"]:
-            line += " (failed: " + ", ".join(tests["failed"][:6]) + (" ..." if len(tests["failed"]) > 6 else "") + ")"
-        lines.append(line)
-    elif tests:
-        lines.append(f"CUDA tests: {tests['error']}")
+    for key, title in (("tests", "CUDA tests"), ("sanitizer", "CUDA tests under the sanitizer (not counted)")):
+        tests = summary.get(key)
+        if tests and "error" not in tests:
+            line = (f"{title}: {tests['passed']} passed, {tests['failures'] + tests['errors']} failed, "
+                    f"{tests['skipped']} skipped")
+            if tests["failed"]:
+                line += " (failed: " + ", ".join(tests["failed"][:6]) + (" ..." if len(tests["failed"]) > 6 else "") + ")"
+            lines.append(line)
+        elif tests:
+            lines.append(f"{title}: {tests['error']}")
     rows = summary.get("runs") or []
     if not rows:
         lines.append("no benchmark results")

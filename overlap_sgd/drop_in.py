@@ -220,6 +220,7 @@ def overlap(
         params=list(trainable.values()),
         names=names,
         track_unused=bool(ddp_model.find_unused_parameters or getattr(ddp_model, "static_graph", False)),
+        static_graph=bool(getattr(ddp_model, "static_graph", False)),
         executor=executor,
         check_finite=check_finite,
         clip=clip,

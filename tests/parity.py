@@ -58,6 +58,10 @@ class Scenario:
     swap_state_at: int | None = None
     autocast: bool = False
     clip_value: float | None = None
+    #: Race detectors (:mod:`tests.races`): every collective of the overlap lands late and
+    #: scrambled until then, with these :mod:`overlap_sgd.hooks.faults` switches on.
+    race: bool = False
+    faults: tuple[str, ...] = ()
     #: Per-parameter norm clipping (``clip_grad_norm_per_param``).
     clip_norm: float | None = None
     #: Global-norm clipping (``clip_grad_norm``): the reference calls
@@ -85,6 +89,8 @@ class Scenario:
     shard: bool = False
     #: Where the models live ("cuda": the rank's current CUDA device).
     device: str = "cpu"
+    #: The parameters' (and inputs') dtype, e.g. "bfloat16"; ``None`` keeps float32.
+    dtype: str | None = None
 
 
 def _params(model: DDP, scenario: Scenario) -> Any:
@@ -143,40 +149,6 @@ def late_allreduce(state, bucket):  # unannotated: DDP inspects hook annotations
     return late
 
 
-class ScrambleState:
-    """State of :func:`scramble_allreduce`: the process group and a private CUDA stream."""
-
-    def __init__(self, process_group: Any):
-        self.process_group = process_group
-        self.stream = torch.cuda.Stream()
-
-
-#: Cycles the private stream of :func:`scramble_allreduce` sleeps (tens of milliseconds).
-SCRAMBLE_SLEEP_CYCLES = 50_000_000
-
-
-def scramble_allreduce(state, bucket):  # unannotated: DDP inspects hook annotations
-    """A CUDA race detector: the averaged all-reduce, after which the bucket is scrambled on the
-    current stream and restored, tens of milliseconds later, on a private stream; the returned
-    future (created with the device) completes on that stream. Whatever reads the bucket
-    without waiting for the future's CUDA events reads the scrambled values."""
-    import torch.distributed as dist
-
-    buffer = bucket.buffer()
-    dist.all_reduce(buffer, group=state.process_group, async_op=True).get_future().wait()
-    buffer.div_(dist.get_world_size(state.process_group))
-    truth = buffer.clone()
-    buffer.mul_(-3.0).add_(1.0)
-    state.stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(state.stream):
-        torch.cuda._sleep(SCRAMBLE_SLEEP_CYCLES)
-        buffer.copy_(truth)
-        truth.record_stream(state.stream)
-        restored = torch.futures.Future(devices=[buffer.device])
-        restored.set_result(buffer)
-    return restored
-
-
 def _comm(scenario: Scenario, process_group: Any) -> tuple[Any, Any]:
     if scenario.comm is None:
         return None, None
@@ -189,7 +161,9 @@ def _comm(scenario: Scenario, process_group: Any) -> tuple[Any, Any]:
     if scenario.comm == "late":
         return late_allreduce, process_group
     if scenario.comm == "scramble":
-        return scramble_allreduce, ScrambleState(process_group)
+        from tests.races import scramble_allreduce
+
+        return scramble_allreduce, process_group
     if scenario.comm == "powersgd":
         state = powersgd.PowerSGDState(
             process_group=process_group, matrix_approximation_rank=1, start_powerSGD_iter=2,
@@ -202,6 +176,8 @@ def _comm(scenario: Scenario, process_group: Any) -> tuple[Any, Any]:
 def _uses_branch(rule: str, step: int, rank: int) -> bool:
     if rule == "mixed":  # some steps one rank, some steps no rank at all
         return step % 4 == rank
+    if rule == "rank0":  # every step, on rank 0 only (a static graph allows that)
+        return rank == 0
     return False
 
 
@@ -235,6 +211,16 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, scenario: Scenario, wha
 
 
 def parity_body(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any]:
+    """Train ``scenario`` both ways on this rank; raise ``AssertionError`` where they differ."""
+    if not (scenario.race or scenario.faults):
+        return _parity_body(rank, world_size, scenario)
+    from tests.races import detectors
+
+    with detectors(*scenario.faults):
+        return _parity_body(rank, world_size, scenario)
+
+
+def _parity_body(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any]:
     if scenario.auto_min_slice_mb is not None:
         from overlap_sgd.hooks import update_hook
 
@@ -243,7 +229,8 @@ def parity_body(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any
     device = torch.device(scenario.device)
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
-    net = Net(**scenario.net).to(device)
+    dtype = getattr(torch, scenario.dtype) if scenario.dtype else torch.float32
+    net = Net(**scenario.net).to(device, dtype)
     kwargs = dict(bucket_cap_mb=scenario.bucket_cap_mb, **scenario.ddp)
     if device.type == "cuda":
         kwargs["device_ids"] = [device]
@@ -282,6 +269,17 @@ def parity_body(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any
     clipped: list[bool] = []
     grad_views = 0
     plans_built: list[int] = []  # after each step
+    flag_launches: list[int] = []  # used-flag all-reduces launched so far, after each step
+    used_tracker = ovl._overlap_sgd_state.used
+    launched = [0]
+    if used_tracker is not None:
+        launch = used_tracker.launch
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            launched[0] += 1
+            return launch(*args, **kwargs)
+
+        used_tracker.launch = counted
     ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if scenario.autocast else nullcontext
     for step in range(scenario.steps):
         if scenario.swap_state_at == step:
@@ -296,7 +294,7 @@ def parity_body(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any
         views = 0
         for model, optimizers in ((ref, ref_opts), (ovl, opts)):
             for micro in range(scenario.accumulate):
-                x, y = (t.to(device) for t in batch(step * scenario.accumulate + micro, rank))
+                x, y = (t.to(device, dtype) for t in batch(step * scenario.accumulate + micro, rank))
                 use = _uses_branch(scenario.branch_rule, step, rank)
                 sync = micro == scenario.accumulate - 1
                 with (nullcontext() if sync else model.no_sync()):
@@ -334,6 +332,7 @@ def parity_body(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any
                     o.zero_grad(set_to_none=scenario.zero == "none")
         grad_views = max(grad_views, views)
         plans_built.append(ovl._overlap_sgd_state.plans_built)
+        flag_launches.append(launched[0])
         for s in scheds:
             s.step()
         for n, g in last_grads[0].items():
@@ -385,6 +384,7 @@ def parity_body(rank: int, world_size: int, scenario: Scenario) -> dict[str, Any
         "moved": moved,
         "lrs": [g["lr"] for o in opts for g in o.param_groups],
         "plans_built": plans_built,
+        "flag_launches": flag_launches,
         "buckets": len(state._plans),
         "sliced": any(len(plan._parts.get(k, [])) > 1 for plan in state._plans.values() for k in plan._parts),
         "syncs": state.syncs,

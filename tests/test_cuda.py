@@ -5,19 +5,25 @@ skipped otherwise. Every case compares against DDP with a post-backward ``torch.
 (:mod:`tests.parity`), so an update that reads its bucket too early, or a forward that runs
 before the updates finished, shows as a difference.
 
-The two race detectors and what they catch:
+The race detectors and what they catch:
 
-- ``scramble``: the comm hook scrambles the bucket after its all-reduce and restores it tens
-  of milliseconds later on a private stream, returning a future with CUDA events. An update
-  that does not wait for those events reads scrambled gradients. (With unused-parameter
-  tracking, a hook that joined the bucket's and the flags' futures with ``collect_all``,
-  which carries no events, read them.)
+- ``race=True`` rows (:mod:`tests.races`): every collective the overlap issues (its own
+  all-reduce, sliced or not, the used flags, the sharded reduce-scatter, all-gather and
+  broadcast) lands late: its result is scrambled, then restored tens of milliseconds later
+  on a private stream behind ``torch.cuda._sleep``, and its future carries the restore's
+  event. World size 1 makes NCCL's collectives identities, so without this delay a missing
+  stream wait would go unseen. Each is also run with one wait removed
+  (:mod:`overlap_sgd.hooks.faults`) and must then fail.
+- ``scramble``: the same for a user's comm hook (the bucket scrambled after its all-reduce).
 - ``late``: the comm hook's future is completed by another thread a few milliseconds after
   the collective, and every update sleeps on the device before it writes (``SleepySGD``).
   A hook that joined the caller's stream to the update stream once, at the end of backward,
   before the late callbacks had enqueued the updates, let the next forward read parameters
   the updates had not written yet; DDP's own wait on a future completed on a stream the
   update did not order did not help either.
+- Collectives never queue behind updates: with updates that sleep, the last all-reduce must
+  finish long before the updates do (and does not with ``faults.SHARED_STREAM``), and the
+  update, flag and copy streams are none of torch's pooled streams, which NCCL uses.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import torch
 
 import overlap_sgd
 from overlap_sgd.functional import FunctionalSGD
+from overlap_sgd.hooks import faults
 from tests.distributed import run_distributed
 from tests.parity import Rounding, Scenario, check_moved
 
@@ -113,11 +120,55 @@ def _check(results: list[list[dict]], names: set[str] | None = None) -> None:
             check_moved(r)
 
 
+class TensorLR:
+    """An optimizer factory with a tensor ``lr``, made where it is called (a tensor that
+    crossed into a spawned rank would live in memory shared between the ranks)."""
+
+    def __init__(self, optimizer: type, lr: float, **kwargs):
+        self.optimizer, self.lr, self.kwargs = optimizer, lr, kwargs
+
+    def __call__(self, params):
+        return self.optimizer(params, lr=torch.tensor(self.lr), **self.kwargs)
+
+
+BF16 = Rounding(2e-2, 2e-2, "bfloat16 parameters: fused against multi-tensor kernels differ by "
+                "bfloat16 ulps, which the next steps carry on")
+#: What no other row runs on CUDA: bfloat16 parameters, capturable Adam, a tensor learning rate,
+#: DDP's static graph (unused parameters known once), and the multi-tensor AdamW that torch
+#: picks by default on CUDA, also with check_finite (which then runs the fused kernel).
+EXTRA = [
+    Scenario("bf16-params-adamw", ADAMW, dtype="bfloat16", rounding=BF16),
+    Scenario("bf16-params-sgd", SGD, dtype="bfloat16", rounding=BF16),
+    Scenario("adam-capturable", partial(torch.optim.Adam, lr=0.01, weight_decay=0.05, capturable=True)),
+    Scenario("adamw-tensor-lr-fused", TensorLR(torch.optim.AdamW, 0.01, fused=True)),
+    Scenario("sgd-tensor-lr-single", TensorLR(torch.optim.SGD, 0.05, momentum=0.9, foreach=False)),
+    Scenario("static-graph", SGD, ddp={"static_graph": True}),
+    Scenario("static-graph-never-used", ADAMW, net={"branch": True}, ddp={"static_graph": True}, steps=6),
+    Scenario("adamw-foreach", partial(torch.optim.AdamW, lr=0.01, weight_decay=0.1, foreach=True)),
+]
+
+
 def test_parity_on_nccl() -> None:
     _check(run_distributed(_cuda_parity, 1, _matrix(), backend="nccl", gpu=0, timeout=600))
 
 
+def test_what_no_other_row_covers_on_nccl() -> None:
+    rows = [replace(s, world_size=1, device="cuda", rounding=s.rounding or CUDA_ROUNDING) for s in EXTRA]
+    results = run_distributed(_cuda_parity, 1, rows, backend="nccl", gpu=0, timeout=300)
+    for r in results[0]:
+        assert "error" not in r, f"[{r['name']}]\n{r['error']}"
+        check_moved(r, ("branch",) if r["name"] == "static-graph-never-used" else ())
+        if r["name"].startswith("static-graph"):
+            assert r["flag_launches"][-1] == r["flag_launches"][3], r["flag_launches"]
+
+
 RACES = [
+    Scenario("delayed-own-allreduce", ADAMW, race=True, slice_mb=None),
+    Scenario("delayed-sliced", SGD, race=True, slice_mb=0.001, bucket_cap_mb=0.01),
+    Scenario("delayed-unused", ADAMW, race=True, net={"branch": True}, branch_rule="mixed",
+             ddp={"find_unused_parameters": True}, steps=8),
+    Scenario("delayed-shard-elements", ADAMW, race=True, shard=True),
+    Scenario("delayed-shard-params", RMSPROP, race=True, shard=True),
     Scenario("scramble", SGD, comm="scramble"),
     Scenario("scramble-unused", SGD, comm="scramble", net={"branch": True}, branch_rule="mixed",
              ddp={"find_unused_parameters": True}, steps=8),
@@ -149,7 +200,38 @@ def test_race_detectors_on_nccl(scenario: Scenario, race_results: list[list[dict
     _check(race_results, {scenario.name})
 
 
+#: Rows that must fail with one wait removed (at world size 1 an all-gather moves nothing, so
+#: its wait is shown missing on two ranks on CPU, ``tests/test_races.py``).
+WITHOUT_WAITS = [
+    (s, faults.COMM_WAIT) for s in RACES
+    if s.name in ("delayed-own-allreduce", "delayed-sliced", "delayed-unused", "delayed-shard-elements",
+                  "delayed-shard-params", "scramble")
+]
+
+
+@pytest.fixture(scope="module")
+def faulty_results() -> list[list[dict]]:
+    rows = [replace(s, name=f"{s.name}-without-{switch}", world_size=1, device="cuda",
+                    rounding=CUDA_ROUNDING, faults=(switch,), steps=2)
+            for s, switch in WITHOUT_WAITS]
+    return run_distributed(_cuda_parity, 1, rows, backend="nccl", gpu=0, timeout=300)
+
+
+@pytest.mark.parametrize("scenario,switch", WITHOUT_WAITS, ids=[f"{s.name}-without-{w}" for s, w in WITHOUT_WAITS])
+def test_race_detectors_fail_without_the_wait(scenario: Scenario, switch: str, faulty_results) -> None:
+    name = f"{scenario.name}-without-{switch}"
+    (r,) = [r for r in faulty_results[0] if r["name"] == name]
+    assert "error" in r, f"[{name}] trained as post-backward does with the wait removed: the detector is blind"
+    assert f"[{name}]" in r["error"], r["error"]  # the parity check failed, not something else
+
+
 GLOO_ON_ONE_GPU = [
+    Scenario("gloo-delayed-own-allreduce", ADAMW, race=True, slice_mb=None),
+    Scenario("gloo-delayed-unused", SGD, race=True, net={"branch": True}, branch_rule="mixed",
+             ddp={"find_unused_parameters": True}, steps=8),
+    Scenario("gloo-delayed-shard-elements", ADAMW, race=True, shard=True),
+    Scenario("gloo-delayed-shard-params", RMSPROP, race=True, shard=True),
+    Scenario("gloo-scramble", SGD, comm="scramble"),
     Scenario("gloo-sgd", SGD),
     Scenario("gloo-adamw-unused", ADAMW, net={"branch": True}, branch_rule="mixed",
              ddp={"find_unused_parameters": True}, steps=8),
@@ -192,7 +274,10 @@ def _sync_free_config(rank: int, config: str) -> dict:
     device = torch.device("cuda", torch.cuda.current_device())
     torch.manual_seed(0)
     ddp_kwargs = {"find_unused_parameters": config == "find-unused"}
-    model = DDP(Net(depth=6).to(device), device_ids=[device], bucket_cap_mb=0.002, **ddp_kwargs)
+    branch = config == "static-graph-unused"
+    if branch:  # a branch never used: its flags are read on the host until known, then never
+        ddp_kwargs = {"static_graph": True}
+    model = DDP(Net(depth=6, branch=branch).to(device), device_ids=[device], bucket_cap_mb=0.002, **ddp_kwargs)
     if config.startswith("adamw-fused"):
         opt = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
     elif config.startswith("adamw"):
@@ -242,7 +327,7 @@ def _sync_free_config(rank: int, config: str) -> dict:
 
 
 SYNC_FREE = ["sgd", "adamw", "find-unused", "sgd-check-finite", "adamw-fused-check-finite",
-             "sgd-clip", "adamw-clip", "adamw-fused-clip"]
+             "adamw-check-finite", "sgd-clip", "adamw-clip", "adamw-fused-clip", "static-graph-unused"]
 
 
 @pytest.fixture(scope="module")
@@ -332,3 +417,113 @@ def test_check_finite_reports_from_step_on_cuda() -> None:
     (r,) = run_distributed(_check_finite_on_cuda, 1, backend="nccl", gpu=0, timeout=180)
     assert "'head.bias'" in r["message"], r
     assert r["untouched"] and r["recovered"], r
+
+
+def _own_streams(rank: int, world_size: int) -> dict:
+    """The streams the overlap runs on, against every stream torch's pool hands out."""
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from overlap_sgd.hooks.streams import is_private
+    from tests.models import Net, batch
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    torch.manual_seed(0)
+    plain = DDP(Net(branch=True).to(device), device_ids=[device], bucket_cap_mb=0.002,
+                find_unused_parameters=True)
+    sharded = DDP(Net().to(device), device_ids=[device], bucket_cap_mb=0.002)
+    opts = [overlap_sgd.overlap(plain, torch.optim.AdamW(plain.parameters(), lr=0.01)),
+            overlap_sgd.overlap(sharded, torch.optim.AdamW(sharded.parameters(), lr=0.01), shard=True)]
+    for step in range(2):
+        for model, opt in zip((plain, sharded), opts):
+            x, y = (t.to(device) for t in batch(step, rank))
+            F.mse_loss(model(x), y).backward()  # the branch unused: the flags are read
+            opt.step()
+            opt.zero_grad()
+    torch.cuda.synchronize()
+    plain_state, shard_state = plain._overlap_sgd_state, sharded._overlap_sgd_state
+    ours = {
+        "update": plain_state.executor(device).stream,
+        "flags": plain_state.executor(device)._flag_stream,
+        "shard-update": shard_state.executor(device).stream,
+        "shard-copy": shard_state._copier.stream,
+    }
+    # Every priority's pool, several times round (32 streams each): values past the device's
+    # range map to its ends.
+    pool = {torch.cuda.Stream(device=device, priority=p).cuda_stream for p in range(-8, 1) for _ in range(80)}
+    pool.add(torch.cuda.default_stream(device).cuda_stream)
+    return {name: {"private": s is not None and is_private(s),
+                   "pooled": s is not None and s.cuda_stream in pool} for name, s in ours.items()}
+
+
+def test_updates_run_on_streams_of_their_own() -> None:
+    (r,) = run_distributed(_own_streams, 1, backend="nccl", gpu=0, timeout=120)
+    for name, where in r.items():
+        assert where == {"private": True, "pooled": False}, (name, where)
+
+
+def _collectives_run_ahead(rank: int, world_size: int, shared: bool) -> dict:
+    """How long after the last bucket's all-reduce the updates finish, with updates that
+    sleep (one per bucket); ``shared``: with faults.SHARED_STREAM on."""
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from overlap_sgd.hooks import update_hook
+    from tests.models import Net, batch
+
+    _register_sleepy()
+    device = torch.device("cuda", torch.cuda.current_device())
+    torch.manual_seed(0)
+    model = DDP(Net(depth=8).to(device), device_ids=[device], bucket_cap_mb=0.002)
+    opt = overlap_sgd.overlap(model, SleepySGD(model.parameters(), lr=0.05, momentum=0.9), slice_mb=None)
+    probe = torch.cuda.Stream(device=device)
+    landed: list = []
+    real = update_hook.all_reduce
+
+    def probed(t, group, *args, **kwargs):
+        future = real(t, group, *args, **kwargs)
+        with torch.cuda.stream(probe):
+            future.wait()  # the probe stream waits for the collective, the host does not
+            event = torch.cuda.Event(enable_timing=True)
+            event.record(probe)
+        landed.append(event)
+        return future
+
+    update_hook.all_reduce = probed
+    if shared:
+        faults.ACTIVE.add(faults.SHARED_STREAM)
+    try:
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(SLEEP_CYCLES)
+        stop.record()
+        torch.cuda.synchronize()
+        sleep_ms = start.elapsed_time(stop)
+        gaps = []
+        for step in range(4):
+            landed.clear()
+            x, y = (t.to(device) for t in batch(step, rank))
+            F.mse_loss(model(x), y).backward()
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()  # DDP's wait ordered this stream after every update
+            opt.step()
+            opt.zero_grad()
+            torch.cuda.synchronize()
+            gaps.append(landed[-1].elapsed_time(end))
+    finally:
+        faults.ACTIVE.discard(faults.SHARED_STREAM)
+        update_hook.all_reduce = real
+    return {"gaps_ms": gaps, "sleep_ms": sleep_ms, "buckets": len(model._overlap_sgd_state._plans)}
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["own-stream", "without-it"])
+def test_no_collective_waits_for_an_update(shared: bool) -> None:
+    # Updates sleep one `sleep_ms` each, one bucket after another on their stream. If a later
+    # all-reduce were queued behind an earlier bucket's update, the last one would land only
+    # after all updates but the last: at most about one sleep before they all finish. On a
+    # stream of their own, it lands while most updates are still to run.
+    (r,) = run_distributed(_collectives_run_ahead, 1, shared, backend="nccl", gpu=0, timeout=180)
+    assert r["buckets"] >= 6, r
+    ahead = min(r["gaps_ms"][1:])  # the first step builds the plans
+    far_ahead = ahead > 0.5 * (r["buckets"] - 1) * r["sleep_ms"]
+    assert far_ahead != shared, r

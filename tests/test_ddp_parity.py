@@ -58,6 +58,13 @@ CASES = [
     Scenario("inline-executor", ADAMW, executor="inline"),
     Scenario("bucket-view", ADAM, ddp={"gradient_as_bucket_view": True}),
     Scenario("static-graph", SGD, ddp={"static_graph": True}),
+    # A branch only rank 0 uses, every step: the other rank needs the used flags over the
+    # ranks; with a static graph they are communicated until known, then reused.
+    Scenario("static-graph-unused-on-one-rank", ADAM, net={"branch": True}, branch_rule="rank0",
+             ddp={"static_graph": True}, bucket_cap_mb=0.004, steps=6),
+    # A branch no rank ever uses: never stepped (its .grad stays None), also once known.
+    Scenario("static-graph-never-used", SGD, net={"branch": True}, ddp={"static_graph": True},
+             bucket_cap_mb=0.004, steps=6),
     Scenario("tied", ADAMW, net={"tied": True}),
     Scenario("frozen", SGD, net={"frozen": True}),
     Scenario("unused-sgd", SGD, net={"branch": True}, ddp={"find_unused_parameters": True},
@@ -102,6 +109,8 @@ def test_parity_with_post_backward(scenario: Scenario) -> None:
         frozen += ("frozen",)
     if scenario.partial_optimizer:
         frozen += ("head",)
+    if scenario.net.get("branch") and scenario.branch_rule == "none":
+        frozen += ("branch",)  # no rank ever uses it
     for r in results:
         check_moved(r, frozen)
         assert r["syncs"] == scenario.steps
@@ -122,6 +131,13 @@ def test_parity_with_post_backward(scenario: Scenario) -> None:
     assert built[-1] == built[settled] + rebuilt, (built, buckets)
     if scenario.net.get("reverse"):
         assert built[1] > built[0], "the bucket layout never changed"
+    launches = results[0]["flag_launches"]
+    if scenario.ddp.get("static_graph"):
+        # Used flags travel while the buckets settle (DDP regroups them after iteration two),
+        # once more for the settled layout, and never again.
+        assert launches[0] > 0 and launches[-1] == launches[settled + 1], launches
+    elif scenario.ddp.get("find_unused_parameters"):
+        assert launches[-1] == launches[0] * scenario.steps, launches
 
 
 SLICED = [

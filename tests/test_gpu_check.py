@@ -4,6 +4,7 @@ at tiny sizes on CPU (``--device cpu``), including a failing and a hanging test 
 from __future__ import annotations
 
 import json
+import re
 import os
 import shlex
 import subprocess
@@ -37,7 +38,7 @@ def _run(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> 
 def _commands(stdout: str) -> dict[str, list[str]]:
     out = {}
     for line in stdout.splitlines():
-        if line.startswith("[") and "/5] " in line:
+        if line.startswith("[") and "/6] " in line:
             name, command = line.split("] ", 1)[1].split(":", 1)
             out[name.strip()] = shlex.split(command)
     return out
@@ -48,12 +49,20 @@ def test_dry_run_prints_each_part_and_runs_nothing(tmp_path):
     proc = _run("--dry-run", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     cmds = _commands(proc.stdout)
-    assert list(cmds) == ["env", "tests", "bench-gpt", "bench-mlp", "report"]
+    assert list(cmds) == ["env", "tests", "sanitizer", "bench-gpt", "bench-mlp", "report"]
     assert not out.exists(), "a dry run creates nothing"
     assert cmds["env"][1:] == ["-m", "benchmarks.gpu_report", "probe", "--device", "cuda"]
     assert cmds["tests"][1:4] == ["-m", "pytest", "tests/test_cuda.py"]
     assert "tests/test_dcp.py::test_cuda_state_saves_and_loads_on_nccl" in cmds["tests"]
     assert not any("addopts" in a or "soak" in a for a in cmds["tests"])
+    # The sanitizer part runs the stream-ordering tests of the same file under CSAN.
+    sanitizer = cmds["sanitizer"]
+    assert sanitizer[:2] == ["env", "TORCH_CUDA_SANITIZER=1"] and sanitizer[3:6] == ["-m", "pytest", "tests/test_cuda.py"]
+    selected = sanitizer[sanitizer.index("-k") + 1]
+    assert "race_detectors_on_nccl" in selected and "streams_of_their_own" in selected
+    # Every part's limit together, with the 3 s of grace each gets, stays under 7 minutes.
+    limits = re.search(r"\((\d+) s in all\)", proc.stdout)
+    assert limits and int(limits.group(1)) + 3 * len(cmds) < 420, proc.stdout
     assert ("not found" in proc.stdout) == (not (ROOT / "tests" / "test_cuda.py").exists())
     assert cmds["report"][1:] == ["-m", "benchmarks.gpu_report", "summary", str(out)]
     assert "PYTHONPATH=" + str(ROOT) in proc.stdout
@@ -114,8 +123,8 @@ def test_cpu_pipeline_reports_failed_tests_and_still_benchmarks(tmp_path):
     proc, out = _pipeline(tmp_path, "def test_ok():\n    assert 1 + 1 == 2\n\n"
                                     "def test_broken():\n    assert 1 + 1 == 3\n")
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert _parts(out) == {"env": "ok", "tests": "failed", "bench-gpt": "ok", "bench-mlp": "ok",
-                           "report": "ok"}
+    assert _parts(out) == {"env": "ok", "tests": "failed", "sanitizer": "skipped", "bench-gpt": "ok",
+                           "bench-mlp": "ok", "report": "ok"}
     log = (out / "gpu_check.log").read_text()
     assert "test_ok PASSED" in log and "test_broken FAILED" in log
     assert "FAILED: tests failed" in proc.stdout

@@ -74,6 +74,10 @@ TWO_RANKS = [
     S("inline-executor", ADAMW, executor="inline"),
     S("bucket-view", ADAM, ddp={"gradient_as_bucket_view": True}),
     S("static-graph", SGD, ddp={"static_graph": True}),
+    S("static-graph-unused-on-one-rank", ADAMW, net={"branch": True}, branch_rule="rank0",
+      ddp={"static_graph": True}, bucket_cap_mb=0.004, steps=6),
+    S("static-graph-never-used", SGD_FOREACH, net={"branch": True}, ddp={"static_graph": True},
+      bucket_cap_mb=0.004, steps=6),
     S("tied", ADAMW, net={"tied": True}),
     S("frozen", SGD, net={"frozen": True}),
     S("unused-sgd", SGD, net={"branch": True}, ddp={"find_unused_parameters": True},
@@ -123,7 +127,11 @@ def _check(per_rank_results: list[list[dict]], table: list[Scenario]) -> None:
                 frozen += ("frozen",)
             if scenario.partial_optimizer:
                 frozen += ("head",)
+            if scenario.net.get("branch") and scenario.branch_rule == "none":
+                frozen += ("branch",)  # no rank ever uses it
             check_moved(r, frozen)
+            if scenario.ddp.get("static_graph"):  # used flags stop travelling once known
+                assert r["flag_launches"][-1] == r["flag_launches"][3], (r["name"], r["flag_launches"])
             assert r["syncs"] == scenario.steps
             # Every rank holds only part of the state (it would hold all of it unsharded).
             assert 0 < r["state_held"] < r["state_whole"], (r["name"], r["state_held"], r["state_whole"])

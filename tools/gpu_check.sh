@@ -14,6 +14,12 @@
 #              sees no CUDA device or a required module does not import; a missing optional
 #              one, matplotlib or numpy, costs only the plots)
 #   tests      python3 -m pytest tests/test_cuda.py -v (a missing file is reported, not fatal)
+#   sanitizer  the NCCL race detectors and stream tests again under torch's CUDA sanitizer
+#              (CSAN, TORCH_CUDA_SANITIZER=1, inherited by the ranks), which reports any kernel that touches a tensor another stream may still
+#              be using without an event between them; reported on its own line and in
+#              OUTDIR/sanitizer_tests.xml, not counted in the exit status: CSAN does not see
+#              the streams inside NCCL, so a report that names an NCCL collective's tensor
+#              (c10d::allreduce_, all_gather, ...) is its noise, not a race of the overlap
 #   bench-gpt  GPT-2-small-sized decoder (12 x 768, 12 heads, seq 1024, vocab 50304, batch 8)
 #   bench-mlp  MLP of 32 x Linear(4096), batch 4096
 #   report     OUTDIR/gpu_check.json, OUTDIR/gpu_check.png (with matplotlib), the table
@@ -28,8 +34,8 @@
 #
 # For development: --device cpu runs the same pipeline at tiny sizes on CPU (gloo);
 # GPU_CHECK_TESTS names another test file (absolute, or relative to the checkout);
-# GPU_CHECK_TIMEOUT_<PART> (ENV, TESTS, BENCH_GPT,
-# BENCH_MLP, REPORT) changes a part's limit in seconds.
+# GPU_CHECK_TIMEOUT_<PART> (ENV, TESTS, SANITIZER,
+# BENCH_GPT, BENCH_MLP, REPORT) changes a part's limit in seconds.
 set -uo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -66,13 +72,14 @@ case "$out" in
 esac
 tests="${GPU_CHECK_TESTS:-tests/test_cuda.py}"  # relative to the checkout, or absolute
 
-# Time limits (seconds): 395 in all, with the 3 s grace each part gets after its limit
+# Time limits (seconds): 400 in all, with the 3 s grace each part gets after its limit
 # under 7 minutes; a normal run takes well under that (each part prints its time).
-t_env="${GPU_CHECK_TIMEOUT_ENV:-20}"
-t_tests="${GPU_CHECK_TIMEOUT_TESTS:-160}"
-t_gpt="${GPU_CHECK_TIMEOUT_BENCH_GPT:-125}"
-t_mlp="${GPU_CHECK_TIMEOUT_BENCH_MLP:-70}"
-t_report="${GPU_CHECK_TIMEOUT_REPORT:-20}"
+t_env="${GPU_CHECK_TIMEOUT_ENV:-15}"
+t_tests="${GPU_CHECK_TIMEOUT_TESTS:-150}"
+t_sanitizer="${GPU_CHECK_TIMEOUT_SANITIZER:-55}"
+t_gpt="${GPU_CHECK_TIMEOUT_BENCH_GPT:-110}"
+t_mlp="${GPU_CHECK_TIMEOUT_BENCH_MLP:-55}"
+t_report="${GPU_CHECK_TIMEOUT_REPORT:-15}"
 
 # Benchmark settings: a few rounds, enough for a median; CPU sizes only prove the pipeline.
 if [ "$device" = cuda ]; then
@@ -101,6 +108,10 @@ if [ -z "${GPU_CHECK_TESTS:-}" ] && [ -f "$root/tests/test_dcp.py" ]; then
                 tests/test_dcp.py::test_cuda_state_of_two_gloo_ranks_loads_on_one_nccl_rank)
 fi
 tests_cmd=("$python" -m pytest "$tests" "${more_tests[@]}" -v -rA -p no:cacheprovider --junitxml "$out/cuda_tests.xml")
+# The sanitizer checks every op from Python, which is slow: only the stream-ordering tests.
+sanitized="race_detectors_on_nccl or streams_of_their_own or check_finite_reports_from_step"
+sanitizer_cmd=(env TORCH_CUDA_SANITIZER=1 "$python" -m pytest "$tests" -k "$sanitized" -v -rA
+               -p no:cacheprovider --junitxml "$out/sanitizer_tests.xml")
 gpt_cmd=("$python" -m benchmarks.overlap_bench --model gpt "${gpt_size[@]}" "${common[@]}"
          --modes "$modes,post-fused+clip,overlap+clip" --clip sometimes --out "$out/bench-gpt")
 mlp_cmd=("$python" -m benchmarks.overlap_bench --model mlp "${mlp_size[@]}" "${common[@]}"
@@ -124,15 +135,16 @@ if [ "$dry_run" = 1 ]; then
     echo "  in:      $root (PYTHONPATH=$root, no install, no network)"
     echo "  device:  $device; python: $python"
     echo "  output:  $out/ (gpu_check.log, gpu_check.json, gpu_check.png, cuda_tests.xml, bench-gpt/, bench-mlp/, traces/)"
-    echo "  limits:  env ${t_env} s, tests ${t_tests} s, bench-gpt ${t_gpt} s, bench-mlp ${t_mlp} s, report ${t_report} s ($((t_env + t_tests + t_gpt + t_mlp + t_report)) s in all)"
-    echo "[1/5] env:       $(quoted "${env_cmd[@]}")"
-    echo "[2/5] tests:     $(quoted "${tests_cmd[@]}")"
+    echo "  limits:  env ${t_env} s, tests ${t_tests} s, sanitizer ${t_sanitizer} s, bench-gpt ${t_gpt} s, bench-mlp ${t_mlp} s, report ${t_report} s ($((t_env + t_tests + t_sanitizer + t_gpt + t_mlp + t_report)) s in all)"
+    echo "[1/6] env:       $(quoted "${env_cmd[@]}")"
+    echo "[2/6] tests:     $(quoted "${tests_cmd[@]}")"
     if ! (cd "$root" && [ -f "$tests" ]); then
         echo "      note: $tests not found; a real run reports the CUDA tests as missing and goes on"
     fi
-    echo "[3/5] bench-gpt: $(quoted "${gpt_cmd[@]}")"
-    echo "[4/5] bench-mlp: $(quoted "${mlp_cmd[@]}")"
-    echo "[5/5] report:    $(quoted "${report_cmd[@]}")"
+    echo "[3/6] sanitizer: $(quoted "${sanitizer_cmd[@]}")"
+    echo "[4/6] bench-gpt: $(quoted "${gpt_cmd[@]}")"
+    echo "[5/6] bench-mlp: $(quoted "${mlp_cmd[@]}")"
+    echo "[6/6] report:    $(quoted "${report_cmd[@]}")"
     exit 0
 fi
 
@@ -142,7 +154,8 @@ export PYTHONUNBUFFERED=1
 mkdir -p "$out" || exit 2
 # Only what this script writes is replaced; anything else in OUTDIR stays.
 rm -rf "$out/bench-gpt" "$out/bench-mlp" "$out/traces"
-rm -f "$out/gpu_check.log" "$out/gpu_check.json" "$out/gpu_check.png" "$out/cuda_tests.xml" "$out/parts.tsv"
+rm -f "$out/gpu_check.log" "$out/gpu_check.json" "$out/gpu_check.png" "$out/cuda_tests.xml" \
+    "$out/sanitizer_tests.xml" "$out/parts.tsv"
 log="$out/gpu_check.log"
 started=$(date +%s.%N)
 
@@ -211,7 +224,22 @@ else
 fi
 record tests "$st" "$t_tests"
 
-# 3-4. The benchmark, one process per workload.
+# 3. The ordering tests under the CUDA sanitizer: reported, not counted (see the top).
+if [ -f "$tests" ] && [ "$device" = cuda ]; then
+    run_part sanitizer "$t_sanitizer" "${sanitizer_cmd[@]}"
+    case "$rc" in
+        0) st=passed ;;
+        5) st="no-tests" ;;
+        124|137) st=timeout ;;
+        *) st=reported ;;
+    esac
+else
+    rc=-1 secs=0.0 st=skipped
+    say "sanitizer: skipped (it needs the CUDA tests and a CUDA device)"
+fi
+record sanitizer "$st" "$t_sanitizer"
+
+# 4-5. The benchmark, one process per workload.
 run_part bench-gpt "$t_gpt" "${gpt_cmd[@]}"
 st=$(status_of)
 record bench-gpt "$st" "$t_gpt"
@@ -222,7 +250,7 @@ st=$(status_of)
 record bench-mlp "$st" "$t_mlp"
 [ "$st" = ok ] || failed=1
 
-# 5. The summary: JSON, PNG, table.
+# 6. The summary: JSON, PNG, table.
 run_part report "$t_report" "${report_cmd[@]}"
 st=$(status_of)
 record report "$st" "$t_report"
@@ -230,7 +258,7 @@ record report "$st" "$t_report"
 
 say "total $(elapsed "$started") s; results in $out/ (gpu_check.log, gpu_check.json, gpu_check.png)"
 if [ "$failed" != 0 ]; then
-    say "FAILED: $(awk -F'\t' '$2 != "ok" && $2 != "passed" { printf "%s%s %s", sep, $1, $2; sep = ", " }' "$out/parts.tsv")"
+    say "FAILED: $(awk -F'\t' '$1 != "sanitizer" && $2 != "ok" && $2 != "passed" { printf "%s%s %s", sep, $1, $2; sep = ", " }' "$out/parts.tsv")"
     exit 1
 fi
 say "all parts passed"

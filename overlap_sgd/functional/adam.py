@@ -10,7 +10,10 @@ import torch
 from torch import Tensor
 from torch.optim.adam import adam
 
-from .base import FunctionalOptimizer, KernelChoice, add_scaled, divide_first, fused_supported, new_step, skip_on_host
+from .base import (
+    FunctionalOptimizer, KernelChoice, add_scaled, divide_first, fused_supported, new_step, scalar_dtype,
+    skip_on_host,
+)
 
 __all__ = ["FunctionalAdam", "FunctionalAdamW"]
 
@@ -95,7 +98,10 @@ class FunctionalAdam(FunctionalOptimizer):
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if amsgrad:
                     st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            elif amsgrad and "max_exp_avg_sq" not in st:
+            elif (group.get("fused") or group.get("capturable")) and st["step"].device != p.device:
+                # State made for another kernel (a CPU counter) moves as torch's load does.
+                st["step"] = st["step"].to(p.device, scalar_dtype(bool(group.get("fused"))))
+            if amsgrad and "max_exp_avg_sq" not in st:
                 # amsgrad was switched on after the state was created: start its max at zero.
                 st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             steps.append(st["step"])
@@ -119,6 +125,11 @@ class FunctionalAdam(FunctionalOptimizer):
         keys: list[Tensor] | None = None,
     ) -> None:
         keys = params if keys is None else keys
+        if found_inf is not None and _skips_on_device(group, params, grads, cache):
+            # The verdict stays on the device (check_finite on CUDA): only the fused kernel
+            # can skip there, with its step counters on the device as torch's fused=True
+            # keeps them. A group that names its kernel keeps it, and reads the verdict below.
+            group = {**group, "fused": True}
         if found_inf is not None and not self._has_state(group, keys, cache):
             # A skipped first step must not create state: decide on the host before that.
             if skip_on_host(found_inf):
@@ -364,3 +375,20 @@ class FunctionalAdamW(FunctionalAdam):
             fused=fused,
             capturable=capturable,
         )
+
+
+def _skips_on_device(group: dict[str, Any], params: list[Tensor], grads: list[Tensor], cache: dict[str, Any]) -> bool:
+    """Whether an update given a device verdict (``found_inf``) runs the fused CUDA kernel,
+    which skips on the device, instead of the multi-tensor one, which would read the verdict
+    on the host: CUDA parameters the fused kernel takes, a group that leaves the kernel to torch
+    (``foreach=None, fused=None``, not capturable) and the overlap's kernel choice
+    (``cache["fast"]``)."""
+    known = cache.get("skips_on_device")
+    if known is None:
+        known = cache["skips_on_device"] = bool(
+            cache.get("fast", False) and params and params[0].device.type == "cuda"
+            and group.get("foreach") is None and group.get("fused") is None and not group.get("capturable")
+            and not any(torch.is_complex(p) for p in params)
+            and fused_supported(params, grads, ("cuda",))
+        )
+    return known

@@ -23,6 +23,7 @@ from torch import Tensor
 from ..functional import FunctionalOptimizer
 from ..functional.base import dense, divide
 from .clip import GradClip
+from .used import UNKNOWN
 from .norm_clip import GlobalClipper
 
 __all__ = ["BucketPlan", "Owner", "Part", "Segment", "clip_inputs"]
@@ -81,6 +82,9 @@ class BucketPlan:
         self.params = list(params)
         #: Slots of these parameters in the unused-parameter tracker, when one is active.
         self.used_slots: list[int] = []
+        #: With a static graph, the bucket's used flags over all ranks once learnt (``None``:
+        #: all used); :data:`~overlap_sgd.hooks.used.UNKNOWN` before.
+        self.static_used: Any = UNKNOWN
         self.names = [names.get(id(p), f"<parameter {i} of bucket {index}>") for i, p in enumerate(self.params)]
         self.device = buffer.device
         self.sparse = buffer.is_sparse
@@ -309,21 +313,6 @@ class BucketPlan:
                 for seg in owed:
                     divide([views[i] for i in seg.positions], grad_scale)
             raise
-
-    @staticmethod
-    def unused_flags(local: Sequence[int] | None, reduced: Tensor | None) -> list[int] | None:
-        """Per-parameter used flags for :meth:`run`, or ``None`` when every parameter was used.
-
-        ``local`` are this rank's flags, known on the host; ``reduced`` the flags reduced over
-        the ranks. A parameter used here was used by some rank, so ``reduced`` is read (once;
-        on CUDA a wait for its small all-reduce) only when this rank left some parameter unused.
-        The answer is the same on every rank: ``None`` exactly when every parameter was used
-        by some rank.
-        """
-        if local is None or reduced is None or all(local):
-            return None
-        flags = reduced.tolist()
-        return None if all(flags) else flags
 
     def hand_out(
         self,

@@ -59,7 +59,9 @@ import torch
 from torch import Tensor
 from torch.futures import Future
 
+from . import faults
 from .futures import Completion, landed, tensor_of, when_all
+from .streams import private_stream
 
 __all__ = [
     "Executor",
@@ -113,20 +115,36 @@ def _run(
     device: torch.device,
     stream: "torch.cuda.Stream | None" = None,
     launched: "torch.cuda.Event | None" = None,
+    flag_stream: "torch.cuda.Stream | None" = None,
 ) -> None:
     """Run ``update`` on ``stream`` (default: the current stream of ``device``), then complete
-    ``done`` on that stream, so that on CUDA ``done``'s events follow the update. Never raises."""
+    ``done`` on that stream, so that on CUDA ``done``'s events follow the update. Never raises.
+
+    ``flag_stream``: where the used flags (``used``) are read on the host, on CUDA: a stream
+    that waits only for their collective. Read on ``stream`` they would wait for every update
+    queued there before this one."""
     try:
         # The stream current where the communication completed: for a future without CUDA
         # events (gloo on CUDA tensors, which copies its result back and then makes the
         # completing thread's stream wait for the copy) this is what orders the result.
         joined = torch.cuda.current_stream(device).record_event() if stream is not None else None
+        host_flags = None
+        if used is not None and flag_stream is not None:
+            with torch.cuda.stream(flag_stream):
+                if joined is not None:
+                    flag_stream.wait_event(joined)
+                # wait(): this stream waits for the flags' collective; cpu() then waits for
+                # this stream alone, a few bytes behind that collective.
+                host_flags = tensor_of(used.wait()).cpu()
+            used = None
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             if launched is not None:
                 torch.cuda.current_stream(device).wait_event(launched)
             if joined is not None:
                 torch.cuda.current_stream(device).wait_event(joined)
             result, flags = landed(comm, used)
+            if host_flags is not None:
+                flags = host_flags
             if stream is not None:
                 # The update reads the result on this stream: its memory must not be reused
                 # before the update has run, whichever stream allocated it.
@@ -319,6 +337,10 @@ class StreamExecutor(Executor):
     it afterwards, so DDP's wait at the end of backward joins the caller's stream to every
     update (see the module docs). Updates of different buckets run in the order their
     communication lands, one after another on the one side stream.
+
+    The side stream is the executor's own (:func:`~overlap_sgd.hooks.streams.private_stream`),
+    never one of the pooled streams that NCCL communicates on, so no collective is ever queued
+    behind an update.
     """
 
     def __init__(self, device: torch.device | str):
@@ -328,7 +350,9 @@ class StreamExecutor(Executor):
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         self._device = device
-        self._stream = torch.cuda.Stream(device=self._device)
+        # Not torch.cuda.Stream(): that pool also hands out NCCL's streams (see .streams).
+        self._stream = private_stream(self._device)
+        self._flag_stream: "torch.cuda.Stream | None" = None
 
     def place(self, device: torch.device) -> None:
         if device != self._device:
@@ -342,9 +366,17 @@ class StreamExecutor(Executor):
     def after(self, comm: Future, used: Future | None, update: Update) -> Future:
         done = Completion(self._device)
         launched = _launched(self._device)
+        flag_stream = None
+        if used is not None:
+            if self._flag_stream is None:
+                self._flag_stream = private_stream(self._device)
+            flag_stream = self._flag_stream
+        stream = self._stream
+        if faults.SHARED_STREAM in faults.ACTIVE:
+            stream = torch.cuda.current_stream(self._device)
         when_all(
             _futures(comm, used),
-            lambda: _run(comm, used, update, done, self._device, self._stream, launched),
+            lambda: _run(comm, used, update, done, self._device, stream, launched, flag_stream),
         )
         return done.future
 

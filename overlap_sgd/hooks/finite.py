@@ -8,9 +8,20 @@ Two ways to reach the verdict, the same outcome for the parameters:
 - ``"step"``: each bucket's verdict stays on the device (one flag per bucket, computed by one
   multi-tensor kernel) and is handed to the update as ``found_inf``: torch's fused kernels
   then skip the update on the device, so backward never waits for the device. The flags are
-  read once, by ``step()``, which raises the same error. (An update without a fused kernel
-  reads its flag on the host instead: see
-  :meth:`~overlap_sgd.functional.base.FunctionalOptimizer.update`.)
+  read once, by ``step()``, which raises the same error.
+
+Which updates keep a device verdict on the device (no host read inside backward):
+
+- SGD, Adam and AdamW whose group leaves the kernel to torch (``foreach=None, fused=None``):
+  on CUDA they run torch's fused kernel, which skips on the device (Adam and AdamW then keep
+  their ``step`` counters on the device, as ``fused=True`` does; results differ from torch's
+  multi-tensor default by rounding, as with any change of kernel family), and any group
+  with ``fused=True``.
+- These read the verdict on the host, once per bucket (on CUDA a wait for the device): a
+  group that names a non-fused kernel (``foreach=True``, ``foreach=False``) or is
+  ``capturable``, complex parameters, every optimizer without a fused kernel (Adagrad,
+  RMSprop, NAdam, Muon, the generic path), and the first step of a bucket whose state does
+  not exist yet (a skipped first step must not create it).
 
 ``True`` chooses ``"step"`` on CUDA where an ``OverlappedOptimizer.step()`` follows each
 backward (it is what reads the flags), ``"backward"`` everywhere else.

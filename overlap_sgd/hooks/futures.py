@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 from torch.futures import Future
 
-__all__ = ["Completion", "gather", "labelled", "landed", "tensor_of", "when_all"]
+__all__ = ["BucketFailed", "Completion", "gather", "labelled", "landed", "tensor_of", "when_all"]
 
 
 def tensor_of(value: Any) -> Tensor:
@@ -115,20 +115,26 @@ class Completion:
     On CUDA it is created with the bucket's device, so :meth:`set_result` records an event on
     the caller's current stream; call it on the stream the update ran on, after the update was
     enqueued, and DDP's wait at the end of backward then orders the caller's stream (and so
-    the next forward) after the update. An error is raised from the future DDP waits on, so
-    that it surfaces from ``backward()`` with its own type (``Future.set_exception`` would
-    hand DDP's C++ side the exception object as if it were the bucket).
+    the next forward) after the update. The future DDP waits on is completed directly: a
+    ``Future.then`` child on a CUDA future would run its callback on a pooled stream (possibly
+    an NCCL stream) made to wait for the update, holding back later collectives.
+
+    An error is raised from the future DDP waits on, so that it surfaces from ``backward()``.
+    On CPU it keeps its own type (a ``then`` child, harmless without streams, raises it;
+    ``Future.set_exception`` would hand DDP's C++ side the exception object as if it were the
+    bucket). On CUDA no such child is used, and DDP raises a ``RuntimeError`` that carries the
+    error's type and message; the hook's state keeps the error itself.
 
     Attributes:
         future: what the comm hook returns to DDP.
     """
 
     def __init__(self, device: torch.device):
-        devices = [device] if device.type == "cuda" else None
-        self._inner: Future = Future(devices=devices)
+        self._cuda = device.type == "cuda"
+        self._inner: Future = Future(devices=[device] if self._cuda else None)
         self._error: BaseException | None = None
         self._lock = threading.Lock()
-        self.future: Future = self._inner.then(self._unwrap)
+        self.future: Future = self._inner if self._cuda else self._inner.then(self._unwrap)
 
     def _unwrap(self, inner: Future) -> Any:
         if self._error is not None:
@@ -147,7 +153,30 @@ class Completion:
             if self._inner.done():
                 return
             self._error = exc
-            self._inner.set_result(None)
+            if self._cuda:
+                failed = BucketFailed(exc)
+                try:
+                    self._inner.set_exception(failed)
+                except Exception:  # noqa: BLE001 - never leave DDP waiting on it
+                    if not self._inner.done():
+                        self._inner.set_result(str(failed))
+            else:
+                self._inner.set_result(None)
+
+    @property
+    def error(self) -> BaseException | None:
+        """The error the future was completed with, if any."""
+        return self._error
+
+
+class BucketFailed(RuntimeError):
+    """What a CUDA bucket's future fails with: a message naming the original error (which
+    :attr:`Completion.error` holds; it is not kept here, so that the future can hold this)."""
+
+    def __init__(self, cause: BaseException):
+        super().__init__(
+            f"the overlapped update of a bucket failed with {type(cause).__name__}: {cause}"
+        )
 
 
 def gather(futures: Sequence[Future], value: Tensor, done: Completion | None = None) -> Future:

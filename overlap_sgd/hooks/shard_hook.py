@@ -49,6 +49,7 @@ from torch.futures import Future
 
 from ..functional import FunctionalOptimizer
 from .bucket import BucketPlan, Part, clip_inputs
+from . import faults
 from .collectives import Sequencer, Waiter, all_gather, all_reduce, broadcast, reduce_scatter
 from .executor import Executor, StreamExecutor
 from .futures import Completion, gather, labelled, when_all
@@ -237,7 +238,7 @@ def shard_hook(state: ShardHookState, bucket: dist.GradBucket) -> torch.futures.
 
 
 def _future(used: Optional[UsedLaunch]) -> Optional[Future]:
-    return None if used is None else used.future
+    return None if used is None else used.needed
 
 
 def _fail_into_step(update: Future, state: "ShardHookState", take_part: Callable[[], None]) -> None:
@@ -280,8 +281,7 @@ def _by_elements(
         futures.append(all_reduce(flags, group, dist.ReduceOp.MAX))
     used = state.launch_used(plan)
     done = Completion(plan.device)
-    landed = gather(futures, shard)
-    local = None if used is None else used.local
+    landed = faults.skip(faults.COMM_WAIT, gather(futures, shard), shard)
     last = layout.rank == world - 1
 
     def update(result: Tensor, reduced: Optional[Tensor]) -> None:
@@ -290,7 +290,7 @@ def _by_elements(
             with labelled(f"bucket{plan.index}/update"):
                 if tail and last:
                     shard[chunk:].copy_(buffer[main:])
-                used_flags = plan.unused_flags(local, reduced)
+                used_flags = state.resolve_used(plan, used, reduced)
                 found = None if flags is None else state.finite.verdict_of_flags(plan, flags)
                 _update_pieces(state, plan, layout, shard, used_flags, scale, found)
                 if state.clipper is not None:
@@ -486,7 +486,8 @@ def _gather_elements(
                 if p.grad is None or not p.grad.is_set_to(views[pos]):
                     p.grad = views[pos].clone()
 
-        copied = state.copier(plan.device, executor).after(gather(futures, buffer), None, copy_out)
+        gathered = faults.skip(faults.GATHER_WAIT, gather(futures, buffer), buffer)
+        copied = state.copier(plan.device, executor).after(gathered, None, copy_out)
         gather([copied], buffer, done)
     except Exception as exc:
         done.set_error(exc)
@@ -495,12 +496,11 @@ def _gather_elements(
 def _by_params(
     state: ShardHookState, bucket: dist.GradBucket, plan: BucketPlan, layout: ParamLayout, executor: Executor
 ) -> Future:
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-    comm = default_hooks.allreduce_hook(state.process_group, bucket)  # averaged
+    buffer = bucket.buffer()
+    buffer.div_(state.world_size)  # averaged, as DDP's default all-reduce hook does
+    comm = faults.skip(faults.COMM_WAIT, all_reduce(buffer, state.process_group), buffer)
     used = state.launch_used(plan)
     done = Completion(plan.device)
-    local = None if used is None else used.local
     part = _owned_part(plan, layout)
     others = [pos for pos, r in layout.owner.items() if r != layout.rank]
 
@@ -508,7 +508,7 @@ def _by_params(
         used_flags = None
         try:
             with labelled(f"bucket{plan.index}/update"):
-                used_flags = plan.unused_flags(local, reduced)
+                used_flags = state.resolve_used(plan, used, reduced)
                 found = None
                 if state.finite is not None:
                     found = state.finite.verdict(plan, result)
@@ -624,6 +624,7 @@ def _gather_params(
         if landed is None:  # no parameter of the bucket is updated by anyone
             landed = Future(devices=[plan.device] if plan.device.type == "cuda" else None)
             landed.set_result(result)
+        landed = faults.skip(faults.GATHER_WAIT, landed, everything)
         copied = state.copier(plan.device, executor).after(landed, None, copy_out)
         gather([copied], result, done)
     except Exception as exc:

@@ -31,7 +31,7 @@ from .norm_clip import ClipGradNorm, GlobalClipper
 from .handout import GradHandout
 from .plans import PlanBook
 from .steps import StepLedger
-from .used import UsedLaunch, UsedTracker
+from .used import UNKNOWN, UsedLaunch, UsedTracker
 
 __all__ = ["HookState"]
 
@@ -45,6 +45,9 @@ class HookState:
         params: the DDP model's trainable parameters (for unused-parameter tracking).
         names: ``id(param) -> name`` for every trainable parameter DDP synchronises.
         track_unused: track which parameters received gradients (``find_unused_parameters``).
+        static_graph: the model is DDP's ``static_graph=True``: the set of used parameters is
+            the same every iteration, so each bucket's used flags are communicated only until
+            they are known.
         executor: where updates run: ``"auto"``, ``"thread"``, ``"inline"``, ``"stream"`` or an
             :class:`~overlap_sgd.hooks.executor.Executor`.
         check_finite: leave a bucket with inf/NaN gradients untouched and raise
@@ -75,6 +78,7 @@ class HookState:
         params: Sequence[Tensor] = (),
         names: dict[int, str] | None = None,
         track_unused: bool = False,
+        static_graph: bool = False,
         executor: str | Executor = "auto",
         check_finite: bool | str = False,
         clip: GradClip | None = None,
@@ -99,6 +103,8 @@ class HookState:
                 norm_clip, params, self.optimizers, process_group, force_defer=bool(check_finite)
             )
         self.used = UsedTracker(params) if track_unused else None
+        #: DDP's ``static_graph=True``: each bucket's used flags are reduced once, then reused.
+        self.static_graph = static_graph
         self.book = PlanBook(self.optimizers, self.names, self.used)
         self.ledger = StepLedger(len(self.optimizers), require_step)
         self.errors = ErrorHandoff()
@@ -174,10 +180,23 @@ class HookState:
         return self._executor
 
     def launch_used(self, plan: BucketPlan) -> UsedLaunch | None:
-        """Start reducing ``plan``'s used flags (with unused-parameter tracking)."""
+        """Start reducing ``plan``'s used flags (with unused-parameter tracking); with a static
+        graph, once they are known (:meth:`learn_used`), hand them out without communication."""
         if self.used is None:
             return None
+        if self.static_graph and plan.static_used is not UNKNOWN:
+            return self.used.known(plan.used_slots, plan.static_used)
         return self.used.launch(plan.used_slots, plan.device, self.process_group)
+
+    def resolve_used(self, plan: BucketPlan, launch: UsedLaunch | None, reduced: Tensor | None) -> list[int] | None:
+        """``launch``'s flags over all ranks (see :meth:`UsedLaunch.resolve`); with a static
+        graph they are kept on ``plan`` for the next iterations."""
+        if launch is None:
+            return None
+        flags = launch.resolve(reduced)
+        if self.static_graph and not launch.known:
+            plan.static_used = flags
+        return flags
 
     # -- one backward pass -------------------------------------------------------------------
 

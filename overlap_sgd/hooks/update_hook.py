@@ -26,7 +26,9 @@ from torch import Tensor
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from ..functional import FunctionalOptimizer
+from . import faults
 from .bucket import BucketPlan, Part, clip_inputs
+from .collectives import all_reduce
 from .executor import Executor
 from .finite import NonFiniteGradientError
 from .futures import gather, labelled
@@ -137,15 +139,15 @@ def overlap_hook(state: OverlapHookState, bucket: dist.GradBucket) -> torch.futu
         # gradients anyway, saving the separate pass over the bucket an averaging hook makes
         # on the autograd thread before its all-reduce can start.
         comm = _launch_labelled(
-            f"bucket{plan.index}/comm",
-            lambda: dist.all_reduce(bucket.buffer(), group=state.process_group, async_op=True).get_future(),
+            f"bucket{plan.index}/comm", lambda: all_reduce(bucket.buffer(), state.process_group)
         )
+        comm = faults.skip(faults.COMM_WAIT, comm, bucket.buffer())
         used = state.launch_used(plan)
         future = executor.after(
             comm, _future(used), _updater(state, plan, used, grad_scale=state.grad_scale(plan))
         )
     else:
-        comm = state.comm_hook(state.comm_state, bucket)
+        comm = faults.skip(faults.COMM_WAIT, state.comm_hook(state.comm_state, bucket), bucket.buffer())
         used = state.launch_used(plan)
         future = executor.after(comm, _future(used), _updater(state, plan, used))
     if bucket.is_last():
@@ -162,7 +164,9 @@ def _launch_labelled(name: str, launch: Callable[[], torch.futures.Future]) -> t
 
 
 def _future(used: Optional[UsedLaunch]) -> Optional[torch.futures.Future]:
-    return None if used is None else used.future
+    """What the update must wait for besides the communication: the used flags, where this
+    rank's update needs them (see :attr:`UsedLaunch.needed`)."""
+    return None if used is None else used.needed
 
 
 def _updater(
@@ -177,13 +181,12 @@ def _updater(
     ``used_launch``: the bucket's used flags (unused-parameter tracking); ``grad_scale``: the
     communication summed the gradients, and the update averages them.
     """
-    local = None if used_launch is None else used_launch.local
     finite, clip, clipper = state.finite, state.clip, state.clipper
     label = f"bucket{plan.index}/update" if part is None else f"bucket{plan.index}/update@{part.start}"
 
     def update(result: Tensor, flags: Optional[Tensor]) -> None:
         scale = grad_scale
-        used = plan.unused_flags(local, flags)
+        used = state.resolve_used(plan, used_launch, flags)
         with labelled(label):
             try:
                 found = None
@@ -244,9 +247,9 @@ def _sliced(
     for part in plan.parts(slice_numel):
         piece = buffer[part.start : part.stop]
         comm = _launch_labelled(
-            f"bucket{plan.index}/comm@{part.start}",
-            lambda piece=piece: dist.all_reduce(piece, group=group, async_op=True).get_future(),
+            f"bucket{plan.index}/comm@{part.start}", lambda piece=piece: all_reduce(piece, group)
         )
+        comm = faults.skip(faults.COMM_WAIT, comm, piece)
         update = _updater(state, plan, used, part, grad_scale=scale)
         futures.append(executor.after(comm, _future(used), _full_bucket(buffer, update)))
     # Completes once every slice was updated, with the bucket (on CUDA ordered after every

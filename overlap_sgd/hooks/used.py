@@ -12,7 +12,12 @@ reduces a small per-bucket flag vector alongside the bucket. The flags accumulat
 
 A parameter this rank used was used by some rank: only for parameters this rank did not use
 does the update need the reduced flags, and only then does it read them (on CUDA, a wait for
-that small all-reduce). DDP's own reducer reads its used-map lazily in the same way.
+that small all-reduce, on a stream that waits for nothing else: see the executors). DDP's own
+reducer reads its used-map lazily in the same way.
+
+With ``static_graph=True`` the set of used parameters is the same in every iteration (DDP's
+own promise): once a bucket's flags have been reduced, :meth:`UsedTracker.known` hands the
+answer out again without any communication.
 
 Example (inside an initialised process group, ``model`` a DDP model's module)::
 
@@ -32,7 +37,10 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.futures import Future
 
-__all__ = ["UsedLaunch", "UsedTracker"]
+__all__ = ["UNKNOWN", "UsedLaunch", "UsedTracker"]
+
+#: A bucket plan's static-graph flags before they have been learnt (``BucketPlan.static_used``).
+UNKNOWN: object = type("Unknown", (), {"__repr__": lambda self: "UNKNOWN"})()
 
 
 @dataclass(frozen=True)
@@ -41,13 +49,31 @@ class UsedLaunch:
 
     #: Per bucket parameter, 1 if this rank produced a gradient for it.
     local: list[int]
-    #: Completes with the flags max-reduced over the ranks (an int32 tensor on the bucket's device).
-    future: Future
+    #: Completes with the flags max-reduced over the ranks (an int32 tensor on the bucket's
+    #: device); ``None`` where :attr:`local` already holds them (:meth:`UsedTracker.known`).
+    future: Future | None
+    #: :attr:`local` holds the flags reduced over the ranks, known without communication.
+    known: bool = False
 
     @property
     def all_local(self) -> bool:
         """Every parameter was used on this rank, so by some rank: no need for :attr:`future`."""
         return all(self.local)
+
+    @property
+    def needed(self) -> Future | None:
+        """The future an update must wait for before :meth:`resolve`: ``None`` where the host
+        knows the answer already (every parameter used here, or the flags known)."""
+        return None if self.known or self.all_local else self.future
+
+    def resolve(self, reduced: Tensor | None) -> list[int] | None:
+        """The flags over all ranks (``reduced``: :attr:`needed`'s value, on any device), or
+        ``None`` when every parameter was used by some rank."""
+        if self.known or self.all_local:
+            return None if self.all_local else list(self.local)
+        assert reduced is not None, "the reduced used flags are needed here"
+        flags = reduced.tolist()
+        return None if all(flags) else flags
 
 
 class UsedTracker:
@@ -72,6 +98,14 @@ class UsedTracker:
     def slots(self, params: Sequence[Tensor]) -> list[int]:
         """Tracker slots of ``params``, for :meth:`launch`."""
         return [self._slot[id(p)] for p in params]
+
+    def known(self, slots: Sequence[int], flags: list[int] | None) -> UsedLaunch:
+        """The flags of ``slots`` where they are known already (``flags``, or all used for
+        ``None``), without communication; the local flags are cleared as :meth:`launch` does."""
+        local = self._flags
+        for i in slots:
+            local[i] = 0
+        return UsedLaunch([1] * len(slots) if flags is None else list(flags), None, known=True)
 
     def launch(
         self, slots: Sequence[int], device: torch.device, group: dist.ProcessGroup | None
