@@ -12,15 +12,22 @@ constraints="$root/${OVERLAP_SGD_CONSTRAINTS:-constraints.txt}"
 python="${PYTHON:-python3}"
 tools() { OVERLAP_SGD_VENV=.venv-docs OVERLAP_SGD_EXTRAS=docs,release bash "$root/tools/venv.sh" "$@"; }
 
-# 1. The wheel and the sdist, built in isolation from the checkout as pip would build them.
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+
+# 1. The wheel and the sdist, built from a copy of what a clone would hold (tracked files and
+#    untracked ones git does not ignore): leftovers of an editable install (*.egg-info, build/)
+#    would otherwise feed files into the wheel that its package list leaves out.
+mkdir "$work/src"
+(cd "$root" && git ls-files -z --cached --others --exclude-standard \
+    | while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done \
+    | tar --null -T - -cf -) | tar -xf - -C "$work/src"
 rm -rf "$root/dist"
-tools python -m build --outdir "$root/dist" "$root"
+tools python -m build --outdir "$root/dist" "$work/src"
 tools twine check --strict "$root"/dist/*
 wheel="$(ls "$root"/dist/*.whl)"
 
 # 2. A fresh venv: the pinned torch, then the wheel (its other dependencies pinned too).
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
 "$python" -m venv "$work/venv"
 "$work/venv/bin/python" -m pip install -q --disable-pip-version-check -c "$constraints" torch
 "$work/venv/bin/python" -m pip install -q --disable-pip-version-check -c "$constraints" "$wheel"
