@@ -64,7 +64,8 @@ def _literal_blocks(text: str) -> str:
                 pad = " " * indent
                 out.append("")
                 out.append(pad + "```python")
-                out.extend(pad + b[cut:] if b.strip() else "" for b in block if b is not block[0] or b.strip())
+                first = next(k for k, b in enumerate(block) if b.strip())  # blank lines after "::"
+                out.extend(pad + b[cut:] if b.strip() else "" for b in block[first:])
                 out.append(pad + "```")
                 i = j
                 continue
