@@ -24,6 +24,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from .attached import overlapped_optimizers
+
 __all__ = ["ConsistencyError", "check_consistency", "checksums"]
 
 _INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -83,8 +85,6 @@ def check_consistency(
     its module. ``optimizers`` defaults to the optimizers overlapped on ``model`` by
     :func:`overlap_sgd.overlap` (none if it was not overlapped).
     """
-    from .drop_in import overlapped_optimizers
-
     module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     if optimizers is None:
         optimizers = overlapped_optimizers(model)

@@ -89,7 +89,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from .blocks import RangeBlocks
-from .drop_in import _ATTR
+from .attached import STATE_ATTR
 from .hooks.shard_state import ElementHome, Home, OwnerHome
 from .optimizer import OverlappedOptimizer
 from .registry import resolve
@@ -293,7 +293,7 @@ def _holders(model: nn.Module, optimizers: Optimizers) -> tuple[list[_Holder], d
     for i, opt in enumerate(opts):
         if not isinstance(opt, Optimizer):
             raise TypeError(f"optimizer {i} must be a torch.optim.Optimizer, got {type(opt).__name__}")
-        wrapper = next((w for w in getattr(getattr(model, _ATTR, None), "wrapped", []) if w.optimizer is opt), None)
+        wrapper = next((w for w in getattr(getattr(model, STATE_ATTR, None), "wrapped", []) if w.optimizer is opt), None)
         h = _Holder(opt if wrapper is None else wrapper, opt, [])
         opt = h.optimizer
         if isinstance(opt, OverlappedOptimizer):

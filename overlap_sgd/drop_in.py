@@ -11,27 +11,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from . import accelerated
+from .attached import STATE_ATTR, overlapped_optimizers, trainable_parameters, uncompiled
 from .hooks import Executor, OverlapHookState, make_executor, overlap_hook
-from .hooks.clip import GradClip
-from .hooks.norm_clip import ClipGradNorm, check_max_norm
-from .registry import default_hook_factory
+from .hooks.norm_clip import ClipGradNorm
 from .optimizer import OverlappedOptimizer
-from .registry import resolve
+from .options import OverlapOptions
+from .registry import Registration, default_hook_factory, resolve
 from .sharding import register_sharded
 
 __all__ = ["overlap", "overlapped_optimizers", "trainable_parameters"]
-
-_ATTR = "_overlap_sgd_state"
-
-
-def trainable_parameters(ddp_model: DistributedDataParallel) -> dict[str, Tensor]:
-    """The parameters DDP synchronises: ``requires_grad``, not ignored, tied ones once."""
-    ignored = getattr(ddp_model, "parameters_to_ignore", set())
-    return {
-        name: p
-        for name, p in ddp_model.module.named_parameters()
-        if p.requires_grad and name not in ignored
-    }
 
 
 def overlap(
@@ -134,7 +122,59 @@ def overlap(
             opt.step()
             opt.zero_grad()
     """
-    ddp_model = _uncompiled(ddp_model)
+    ddp_model = _checked_model(ddp_model)
+    single = not isinstance(optimizer, (list, tuple))
+    outer, optimizers = _unwrapped_optimizers(optimizer)
+    options = OverlapOptions(
+        comm_hook=comm_hook, comm_state=comm_state, executor=executor, check_finite=check_finite,
+        clip_grad_value=clip_grad_value, clip_grad_norm=clip_grad_norm,
+        clip_grad_norm_per_param=clip_grad_norm_per_param,
+        check_consistency_every=check_consistency_every, slice_mb=slice_mb,
+        grad_views=grad_views, shard=shard,
+    )
+    _check_fresh(ddp_model)
+
+    # 1. The parameters DDP synchronises, and the functional optimizer that steps each.
+    trainable = trainable_parameters(ddp_model)
+    if not trainable:
+        raise ValueError("the DDP model has no trainable parameters to overlap")
+    executor = make_executor(options.executor, next(iter(trainable.values())).device)
+    names = {id(p): n for n, p in trainable.items()}
+    registrations, functionals = _bind(ddp_model, optimizers, names, options, several=not single)
+
+    # 2. The hook that updates each bucket as it lands, registered on the model.
+    state = _register(ddp_model, options, executor, trainable, names, registrations, functionals)
+
+    # 3. The optimizers the loop keeps using.
+    return _wrap(ddp_model, outer, optimizers, state, options.check_consistency_every, single)
+
+
+def _bind(
+    ddp_model: DistributedDataParallel,
+    optimizers: list[Optimizer],
+    names: dict[int, str],
+    options: OverlapOptions,
+    several: bool,
+) -> tuple[list[Registration], list[Any]]:
+    """Each optimizer's registry entry and functional counterpart, once the split is checked."""
+    _check_ownership(ddp_model, optimizers, names, several=several)
+    registrations = [resolve(type(opt)) for opt in optimizers]
+    factories = {r.hook_factory for r in registrations}
+    if len(factories) > 1:
+        raise TypeError(
+            "the optimizers are registered with different hook factories and cannot share one "
+            f"DDP model: {[r.optimizer.__qualname__ for r in registrations]}"
+        )
+    functionals = [r.functional.bind(opt) for r, opt in zip(registrations, optimizers)]
+    _check_sparse(ddp_model, functionals, names)
+    if options.norm_clip is not None:
+        _check_global_clip(ddp_model, registrations, names)
+    return registrations, functionals
+
+
+def _checked_model(ddp_model: Any) -> DistributedDataParallel:
+    """``ddp_model`` (the module inside ``torch.compile``), or an error if overlap cannot drive it."""
+    ddp_model = uncompiled(ddp_model)
     if not isinstance(ddp_model, DistributedDataParallel):
         raise TypeError(
             "overlap() needs a torch.nn.parallel.DistributedDataParallel model, got "
@@ -148,8 +188,12 @@ def overlap(
             "communication hooks per gradient instead of per bucket; build it with the default "
             "optimize_ddp=True, which compiles with graph breaks at bucket boundaries"
         )
-    single = not isinstance(optimizer, (list, tuple))
-    outer = [optimizer] if single else list(optimizer)
+    return ddp_model
+
+
+def _unwrapped_optimizers(optimizer: Any) -> tuple[list[Any], list[Optimizer]]:
+    """The optimizers as passed (a list) and the torch optimizers inside them (Accelerate's)."""
+    outer = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
     if not outer:
         raise ValueError("overlap() got an empty list of optimizers")
     optimizers = [accelerated.unwrap(o) if accelerated.is_accelerated(o) else o for o in outer]
@@ -160,35 +204,12 @@ def overlap(
             raise TypeError(
                 f"optimizer {i} must be a torch.optim.Optimizer, got {type(opt).__name__}"
             )
-    if comm_hook is not None and not callable(comm_hook):
-        raise TypeError(f"comm_hook must be a DDP communication hook, got {comm_hook!r}")
-    if not isinstance(executor, (str, Executor)):
-        raise TypeError(f"executor must be a str or an Executor, got {type(executor).__name__}")
-    if isinstance(check_finite, str):
-        if check_finite not in ("backward", "step"):
-            raise ValueError(f"check_finite must be a bool, 'backward' or 'step', got {check_finite!r}")
-    elif not isinstance(check_finite, bool):
-        raise TypeError(f"check_finite must be a bool, 'backward' or 'step', got {type(check_finite).__name__}")
-    if not isinstance(grad_views, bool):
-        raise TypeError(f"grad_views must be a bool, got {type(grad_views).__name__}")
-    if not isinstance(shard, bool):
-        raise TypeError(f"shard must be a bool, got {type(shard).__name__}")
-    clip = GradClip(clip_grad_value, clip_grad_norm_per_param)
-    if clip_grad_norm is not None and not isinstance(clip_grad_norm, ClipGradNorm):
-        check_max_norm(clip_grad_norm, "clip_grad_norm")
-    norm_clip = ClipGradNorm.of(clip_grad_norm)
-    if isinstance(check_consistency_every, bool) or not isinstance(check_consistency_every, int):
-        raise TypeError(
-            f"check_consistency_every must be an int, got {type(check_consistency_every).__name__}"
-        )
-    if check_consistency_every < 0:
-        raise ValueError(f"check_consistency_every must be >= 0, got {check_consistency_every}")
-    if slice_mb is not None and slice_mb != "auto":
-        if isinstance(slice_mb, bool) or not isinstance(slice_mb, (int, float)):
-            raise TypeError(f"slice_mb must be a number, 'auto' or None, got {slice_mb!r}")
-        if not slice_mb > 0:
-            raise ValueError(f"slice_mb must be positive, got {slice_mb}")
-    if getattr(ddp_model, _ATTR, None) is not None:
+    return outer, optimizers
+
+
+def _check_fresh(ddp_model: DistributedDataParallel) -> None:
+    """Raise ``RuntimeError`` if ``ddp_model`` was overlapped already or has a comm hook."""
+    if getattr(ddp_model, STATE_ATTR, None) is not None:
         raise RuntimeError("overlap() was already called on this DDP model")
     if getattr(ddp_model, "_comm_hooks", None):
         names = [getattr(h, "__qualname__", repr(h)) for h, _ in ddp_model._comm_hooks]
@@ -197,24 +218,17 @@ def overlap(
             "to overlap(comm_hook=..., comm_state=...) on a fresh model instead"
         )
 
-    trainable = trainable_parameters(ddp_model)
-    if not trainable:
-        raise ValueError("the DDP model has no trainable parameters to overlap")
-    executor = make_executor(executor, next(iter(trainable.values())).device)
-    names = {id(p): n for n, p in trainable.items()}
-    _check_ownership(ddp_model, optimizers, names, several=not single)
-    registrations = [resolve(type(opt)) for opt in optimizers]
-    factories = {r.hook_factory for r in registrations}
-    if len(factories) > 1:
-        raise TypeError(
-            "the optimizers are registered with different hook factories and cannot share one "
-            f"DDP model: {[r.optimizer.__qualname__ for r in registrations]}"
-        )
-    functionals = [r.functional.bind(opt) for r, opt in zip(registrations, optimizers)]
-    _check_sparse(ddp_model, functionals, names)
-    if norm_clip is not None:
-        _check_global_clip(ddp_model, registrations, names)
 
+def _register(
+    ddp_model: DistributedDataParallel,
+    options: OverlapOptions,
+    executor: Executor,
+    trainable: dict[str, Tensor],
+    names: dict[int, str],
+    registrations: list[Registration],
+    functionals: list[Any],
+) -> Any:
+    """Register the bucket hook on ``ddp_model``; return its state."""
     common = dict(
         process_group=ddp_model.process_group,
         params=list(trainable.values()),
@@ -222,31 +236,32 @@ def overlap(
         track_unused=bool(ddp_model.find_unused_parameters or getattr(ddp_model, "static_graph", False)),
         static_graph=bool(getattr(ddp_model, "static_graph", False)),
         executor=executor,
-        check_finite=check_finite,
-        clip=clip,
+        check_finite=options.check_finite,
+        clip=options.clip,
         require_step=True,
     )
-    if norm_clip is not None:
-        common["norm_clip"] = norm_clip
-    if shard:
+    if options.norm_clip is not None:
+        common["norm_clip"] = options.norm_clip
+    if options.shard:
         common.pop("process_group")
-        state = register_sharded(
-            ddp_model, functionals, registrations, comm_hook=comm_hook, grad_views=grad_views,
-            on_forward=_reclaim_grads_later(), **common,
+        return register_sharded(
+            ddp_model, functionals, registrations, comm_hook=options.comm_hook,
+            grad_views=options.grad_views, on_forward=_reclaim_grads_later(), **common,
         )
-        return _wrap(ddp_model, outer, optimizers, state, check_consistency_every, single)
 
-    hook, state = registrations[0].hook_factory(functionals, comm_hook, comm_state, slice_mb=slice_mb, **common)
+    hook, state = registrations[0].hook_factory(
+        functionals, options.comm_hook, options.comm_state, slice_mb=options.slice_mb, **common
+    )
     ddp_model.register_comm_hook(state, hook)
     own_hook = hook is overlap_hook and isinstance(state, OverlapHookState)
-    if grad_views and own_hook and _can_hand_out_views(ddp_model):
+    if options.grad_views and own_hook and _can_hand_out_views(ddp_model):
         # The hook sets .grad itself: DDP's optimizer-in-backward mode skips its copy of the
         # buckets into .grad, and a forward pre-hook un-aliases what the hook handed out. (A
         # registered factory's own hook keeps DDP's copy.)
         state.grad_views = True
         ddp_model.reducer._set_optimizer_in_backward()
         ddp_model.register_forward_pre_hook(_reclaim_grads(state))
-    return _wrap(ddp_model, outer, optimizers, state, check_consistency_every, single)
+    return state
 
 
 def _wrap(
@@ -258,7 +273,7 @@ def _wrap(
     single: bool,
 ) -> Any:
     """Wrap each optimizer (``outer``: as the caller passed them) around ``state``."""
-    setattr(ddp_model, _ATTR, state)
+    setattr(ddp_model, STATE_ATTR, state)
     wrapped = [
         OverlappedOptimizer(opt, state, i, ddp_model, check_consistency_every)
         for i, opt in enumerate(optimizers)
@@ -269,12 +284,6 @@ def _wrap(
         for o, w in zip(outer, wrapped)
     ]
     return returned[0] if single else returned
-
-
-def _uncompiled(model: Any) -> Any:
-    """The module inside ``torch.compile(model)`` (the model itself if not compiled)."""
-    inner = getattr(model, "_orig_mod", None)
-    return inner if isinstance(model, nn.Module) and isinstance(inner, nn.Module) else model
 
 
 def _can_hand_out_views(ddp_model: DistributedDataParallel) -> bool:
@@ -297,15 +306,9 @@ def _reclaim_grads_later() -> Callable[..., None]:
     """A forward pre-hook that reclaims the gradients of the state set on the model by then."""
 
     def reclaim(module: nn.Module, _args: Any) -> None:
-        getattr(module, _ATTR).reclaim_grads()
+        getattr(module, STATE_ATTR).reclaim_grads()
 
     return reclaim
-
-
-def overlapped_optimizers(ddp_model: nn.Module) -> list[Optimizer]:
-    """The torch optimizers :func:`overlap` wrapped on ``ddp_model`` (empty if none)."""
-    state = getattr(_uncompiled(ddp_model), _ATTR, None)
-    return [w.optimizer for w in getattr(state, "wrapped", [])]
 
 
 def _check_ownership(

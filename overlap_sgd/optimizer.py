@@ -17,7 +17,10 @@ from typing import Any
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .consistency import check_consistency
 from .hooks import OverlapHookState
+from .hooks.norm_clip import ClipGradNorm, check_max_norm
+from .sharding import full_state_dict, load_full_state_dict
 
 __all__ = ["OverlappedOptimizer"]
 
@@ -158,8 +161,6 @@ class OverlappedOptimizer(Optimizer):
         self._steps += 1
         every = self._consistency_every
         if every and self._index == 0 and self._steps % every == 0:
-            from .consistency import check_consistency
-
             check_consistency(self._model, group=self._hook_state.process_group)
         return None
 
@@ -198,12 +199,8 @@ class OverlappedOptimizer(Optimizer):
                 "inside backward() then keep what an exact clip needs"
             )
         if max_norm is not None:
-            from .hooks.norm_clip import check_max_norm
-
             max_norm = check_max_norm(max_norm, "max_norm")
         if norm_type is not None:
-            from .hooks.norm_clip import ClipGradNorm
-
             asked = ClipGradNorm(1.0, norm_type).norm_type
             if asked != clipper.norm_type:
                 raise ValueError(
@@ -254,8 +251,6 @@ class OverlappedOptimizer(Optimizer):
         """
         self._settle_clip()  # a clipped step is corrected before its state is read
         if self._sharded:
-            from .sharding import full_state_dict
-
             return full_state_dict(self._optimizer, self._hook_state)
         return self._optimizer.state_dict()
 
@@ -263,8 +258,6 @@ class OverlappedOptimizer(Optimizer):
         """Load a state dict of the wrapped optimizer's class (from either side of the overlap,
         sharded or not, saved by any number of ranks)."""
         if self._sharded:
-            from .sharding import load_full_state_dict
-
             load_full_state_dict(self._optimizer, self._hook_state, state_dict)
             return
         self._optimizer.load_state_dict(state_dict)

@@ -31,6 +31,7 @@ from torch.optim import Optimizer
 
 from . import functional as fn
 from .functional import FunctionalOptimizer, restricted
+from .hooks import make_overlap_hook
 
 __all__ = [
     "Registration",
@@ -51,8 +52,6 @@ HookFactory = Callable[..., tuple[Callable[..., Any], Any]]
 
 def default_hook_factory(*args: Any, **kwargs: Any) -> tuple[Callable[..., Any], Any]:
     """The bucket-update hook of :mod:`overlap_sgd.hooks` (see :func:`~overlap_sgd.hooks.make_overlap_hook`)."""
-    from .hooks import make_overlap_hook
-
     return make_overlap_hook(*args, **kwargs)
 
 
