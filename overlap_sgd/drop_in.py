@@ -61,7 +61,8 @@ def overlap(
 
     Args:
         ddp_model: a :class:`~torch.nn.parallel.DistributedDataParallel` model without a comm
-            hook, or ``torch.compile`` of one.
+            hook, or ``torch.compile`` of one; or a ``fully_shard`` (FSDP2) root module, see
+            :mod:`overlap_sgd.fsdp`.
         optimizer: a ``torch.optim`` optimizer over the model's parameters, or a list of them
             over disjoint parameter sets that together hold every trainable parameter. An
             Accelerate ``AcceleratedOptimizer`` (from ``Accelerator.prepare``) is overlapped
@@ -135,6 +136,16 @@ def overlap(
             opt.zero_grad()
     """
     ddp_model = _uncompiled(ddp_model)
+    from .fsdp import is_fsdp, overlap_fsdp  # a fully_shard model: see overlap_sgd.fsdp
+
+    if is_fsdp(ddp_model):
+        return overlap_fsdp(
+            ddp_model, optimizer, comm_hook, comm_state, executor=executor, check_finite=check_finite,
+            clip_grad_value=clip_grad_value, clip_grad_norm=clip_grad_norm,
+            clip_grad_norm_per_param=clip_grad_norm_per_param,
+            check_consistency_every=check_consistency_every, slice_mb=slice_mb, grad_views=grad_views,
+            shard=shard,
+        )
     if not isinstance(ddp_model, DistributedDataParallel):
         raise TypeError(
             "overlap() needs a torch.nn.parallel.DistributedDataParallel model, got "
