@@ -173,7 +173,7 @@ def _train(s: Scenario, model: nn.Module, opts: list[Any], rank: int, reference:
             g = torch.Generator().manual_seed(1000 * step + 10 * micro + rank)
             x = torch.randn(4, 6, generator=g)
             y = torch.randn(4, 5, generator=g)
-            loss = F.mse_loss(model(x), y) * 10
+            loss = F.mse_loss(model(x).float(), y) * 10  # bf16 outputs under mixed precision
             before = _shards(model) if last and not reference else None
             loss.backward()
             losses.append(loss.item())
@@ -271,3 +271,269 @@ def test_parity(s: Scenario) -> None:
             unused = s.unused and "extra" in name
             assert moved == (not frozen and not unused), f"{s.name}: {name} moved={moved}"
         assert "DTensor" in r["dtypes"], f"{s.name}: state is not kept as DTensors: {r['dtypes']}"
+
+
+class SlowLion(Lion):
+    """Takes its time, so that an update still runs when backward returns; fails on demand."""
+
+    fail = False
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        import time
+
+        time.sleep(0.05)
+        if SlowLion.fail:
+            raise ArithmeticError("update failed")
+        super().step()
+
+
+def waits_body(rank: int, world: int) -> dict[str, Any]:
+    model = _build(Scenario("slow"))
+    opt = overlap_sgd.overlap(model, SlowLion(model.parameters(), lr=0.01))
+    x = torch.randn(4, 6)
+    before = _shards(model)
+    model(x).sum().backward()
+    opt.step()  # must wait for every group's update
+    after = _shards(model)
+    stale = [n for n in after if after[n].numel() and torch.equal(after[n], before[n])]
+    opt.zero_grad()
+    SlowLion.fail = True
+    model(x).sum().backward()
+    try:
+        opt.step()
+        raised = None
+    except ArithmeticError as exc:
+        raised = str(exc)
+    SlowLion.fail = False
+    opt.zero_grad()
+    model(x).sum().backward()  # the failed step does not block the next one
+    opt.step()
+    return dict(stale=stale, raised=raised)
+
+
+def test_step_waits_for_updates_and_raises_their_errors() -> None:
+    for r in run_distributed(waits_body, 2, timeout=TIMEOUT):
+        assert r["stale"] == [], f"step() returned before these were updated: {r['stale']}"
+        assert r["raised"] == "update failed"
+
+
+# -- distributed checkpoints ---------------------------------------------------------------------
+
+DCP_STEPS = 3
+
+
+def _data(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(7919 * step + rank)
+    return torch.randn(4, 6, generator=g), torch.randn(4, 5, generator=g)
+
+
+def _full(model: nn.Module, opt: Any) -> dict[str, Any]:
+    """Every rank's view of the whole model and optimizer state (plain tensors)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    msd = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in get_model_state_dict(model).items()}
+    osd = get_optimizer_state_dict(model, opt)
+    state = {
+        fqn: {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).clone() for k, v in st.items()}
+        for fqn, st in osd["state"].items()
+    }
+    return _plain(dict(model=msd, state=state, lr=[g["lr"] for g in osd["param_groups"]]))
+
+
+def _plain(obj: Any) -> Any:
+    """``obj`` with tensors as (dtype, shape, values): tensors do not cross the result queue."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if torch.is_tensor(obj):
+        return (str(obj.dtype), tuple(obj.shape), obj.detach().flatten().tolist())
+    return obj
+
+
+def dcp_save_body(rank: int, world: int, path: str) -> dict[str, Any]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    model = _build(Scenario("dcp"))
+    opt = overlap_sgd.overlap(model, OPTIMIZERS["adamw"](model.parameters()))
+    for step in range(DCP_STEPS):
+        x, y = _data(step, rank)
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=path)
+    return _full(model, opt.optimizer)
+
+
+def dcp_load_body(rank: int, world: int, path: str, inner: bool) -> dict[str, Any]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
+    )
+
+    out = {}
+    for overlapped in (True, False):
+        model = _build(Scenario("dcp"), seed=1)  # other weights: the checkpoint must replace them
+        opt = OPTIMIZERS["adamw"](model.parameters())
+        if overlapped:
+            opt = overlap_sgd.overlap(model, opt)
+        target = opt.optimizer if overlapped and inner else opt
+        sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, target)}
+        dcp.load(sd, checkpoint_id=path)
+        set_model_state_dict(model, sd["model"])
+        set_optimizer_state_dict(model, target, sd["optim"])
+        loaded = _full(model, target)
+        x, y = _data(100, rank)
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        out["overlap" if overlapped else "reference"] = dict(loaded=loaded, after=_full(model, target))
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("world,inner", [(3, False), (1, True)], ids=["3-ranks", "1-rank-inner"])
+def test_dcp_saved_on_two_ranks_resumes_on(tmp_path: Any, world: int, inner: bool) -> None:
+    path = str(tmp_path / "ckpt")
+    saved = run_distributed(dcp_save_body, 2, path, timeout=TIMEOUT)[0]
+    assert saved["state"], "nothing saved"
+    for r in run_distributed(dcp_load_body, world, path, inner, timeout=TIMEOUT):
+        for side in ("overlap", "reference"):
+            assert _same(r[side]["loaded"], saved), f"{side}: the loaded state differs from the saved one"
+        after, ref = r["overlap"]["after"], r["reference"]["after"]
+        assert _same(after, ref), "the step after resuming differs from the post-backward step"
+        assert not _same(after["model"], saved["model"]), "the step after resuming did nothing"
+
+
+# -- what is refused ---------------------------------------------------------------------------
+
+
+def _refusal(make: Any) -> str:
+    """The message of the ValueError that ``make()`` raises, with no hook left behind."""
+    model, call = make()
+    try:
+        call()
+    except ValueError as exc:
+        hooks = [n for n, p in model.named_parameters() if getattr(p, "_post_accumulate_grad_hooks", None)]
+        assert not hooks, f"hooks left on {hooks} by a refused overlap()"
+        assert getattr(model, "_overlap_sgd_state", None) is None
+        return str(exc)
+    return "no error"
+
+
+def refusals_body(rank: int, world: int) -> dict[str, str]:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    def plain(**kw: Any) -> Any:
+        model = _build(Scenario("refused"))
+        return model, lambda: overlap_sgd.overlap(model, OPTIMIZERS["adamw"](model.parameters()), **kw)
+
+    def hsdp() -> Any:
+        torch.manual_seed(0)
+        model = Model()
+        mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard"))
+        fully_shard(model, mesh=mesh)
+        return model, lambda: overlap_sgd.overlap(model, torch.optim.AdamW(model.parameters()))
+
+    def offload() -> Any:
+        torch.manual_seed(0)
+        model = Model()
+        fully_shard(model, offload_policy=CPUOffloadPolicy(pin_memory=False))
+        return model, lambda: overlap_sgd.overlap(model, torch.optim.AdamW(model.parameters()))
+
+    def optimizer_before_sharding() -> Any:
+        torch.manual_seed(0)
+        model = Model()
+        opt = torch.optim.AdamW(model.parameters())
+        fully_shard(model)
+        return model, lambda: overlap_sgd.overlap(model, opt)
+
+    def whole_tensor_optimizer() -> Any:
+        model = _build(Scenario("refused"))
+        return model, lambda: overlap_sgd.overlap(model, torch.optim.Adafactor(model.parameters()))
+
+    cases = {
+        "hsdp": hsdp,
+        "offload": offload,
+        "optimizer-before-sharding": optimizer_before_sharding,
+        "adafactor": whole_tensor_optimizer,
+        "shard": lambda: plain(shard=True),
+        "comm_hook": lambda: plain(comm_hook=lambda state, bucket: None),
+        "slice_mb": lambda: plain(slice_mb=4),
+        "clip_grad_value": lambda: plain(clip_grad_value=1.0),
+        "clip_grad_norm_per_param": lambda: plain(clip_grad_norm_per_param=1.0),
+        "check_consistency_every": lambda: plain(check_consistency_every=10),
+        "speculate": lambda: plain(clip_grad_norm=ClipGradNorm(1.0, policy="speculate")),
+    }
+    out = {name: _refusal(make) for name, make in cases.items()}
+
+    model = _build(Scenario("twice"))  # a second synchronising backward without step()
+    opt = overlap_sgd.overlap(model, OPTIMIZERS["sgd"](model.parameters()))
+    model(torch.randn(2, 6)).sum().backward()
+    try:
+        model(torch.randn(2, 6)).sum().backward()
+        out["backward-twice"] = "no error"
+    except RuntimeError as exc:
+        out["backward-twice"] = str(exc)
+    del opt
+    return out
+
+
+REFUSED = {
+    "hsdp": "1-D mesh",
+    "offload": "CPUOffloadPolicy",
+    "optimizer-before-sharding": "after fully_shard",
+    "adafactor": "not element-wise",
+    "shard": "sharded already",
+    "comm_hook": "reduce-scatters by itself",
+    "slice_mb": "fully_shard",
+    "clip_grad_value": "clip_grad_norm=max_norm",
+    "clip_grad_norm_per_param": "clip_grad_norm=max_norm",
+    "check_consistency_every": "different shards",
+    "speculate": "policy='auto' or 'defer'",
+    "backward-twice": "set_requires_gradient_sync(False)",
+}
+
+
+def test_refused_before_anything_is_touched() -> None:
+    for r in run_distributed(refusals_body, 2, timeout=TIMEOUT):
+        for name, needle in REFUSED.items():
+            assert needle in r[name], f"{name}: {r[name]!r}"
+
+
+def finite_body(rank: int, world: int) -> dict[str, Any]:
+    model = _build(Scenario("finite"))
+    opt = overlap_sgd.overlap(model, OPTIMIZERS["sgd"](model.parameters()), check_finite=True)
+    model(torch.randn(4, 6)).sum().backward()
+    if rank == 0:  # inf in one rank's shard only: every rank must leave the group alone
+        model.sharded["head.weight"].grad.to_local().view(-1)[0] = float("inf")
+    before = _shards(model)
+    try:
+        opt.step()
+        names = None
+    except overlap_sgd.hooks.NonFiniteGradientError as exc:
+        names = exc.names
+    after = _shards(model)
+    moved = {n: not torch.equal(after[n], before[n]) for n in after if after[n].numel()}
+    opt.zero_grad()
+    model(torch.randn(4, 6)).sum().backward()  # the next step runs as usual
+    opt.step()
+    return dict(names=names, moved=moved)
+
+
+def test_check_finite_agrees_across_ranks() -> None:
+    for r in run_distributed(finite_body, 2, timeout=TIMEOUT):
+        root_group = ["inp.weight", "inp.bias", "head.weight", "head.bias"]  # the root's fully_shard
+        assert r["names"] == root_group, r["names"]
+        for name, moved in r["moved"].items():
+            assert moved == (name not in root_group), f"{name} moved={moved}"

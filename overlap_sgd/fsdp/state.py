@@ -152,6 +152,7 @@ class FSDPOverlapState:
         self._pending = False
         self._open: _Arrival | None = None
         self._launched: list[Future] = []
+        self._errors: list[BaseException] = []
         self._deferred: list[tuple[int, list[Tensor], list[Tensor | None]]] = []
         self._updated: set[int] = set()
         self._build()
@@ -241,7 +242,11 @@ class FSDPOverlapState:
             return
 
         def update(_landed: Tensor, _flags: Any) -> None:
-            self._apply(params, grads, on_side=self._side is not None)
+            try:
+                self._apply(params, grads, on_side=self._side is not None)
+            except BaseException as exc:
+                self._errors.append(exc)  # re-raised by step() as it is (a future wraps it)
+                raise
 
         ordered = torch.cuda.stream(arrival.stream) if arrival.stream is not None else contextlib.nullcontext()
         with ordered:  # the update waits for what FSDP enqueued on this stream so far
@@ -313,7 +318,7 @@ class FSDPOverlapState:
             self.ledger.forgive()  # the loop may not reach the other optimizers' step()
             raise
         finally:
-            self._launched, self._deferred = [], []
+            self._launched, self._deferred, self._errors = [], [], []
             self._updated = set()
         return None if self.clipper is None else self.clipper.total_norm
 
@@ -327,8 +332,9 @@ class FSDPOverlapState:
         if self._side is not None:
             torch.cuda.current_stream(self.device).wait_stream(self._side)
         if errors:
-            self.last_error = errors[0]
-            raise errors[0]
+            first = self._errors[0] if self._errors else errors[0]
+            self.last_error = first
+            raise first
         work = list(self._deferred)
         left = [
             p for f in self.optimizers for p in f.params()
@@ -337,16 +343,14 @@ class FSDPOverlapState:
         if left:  # set before this backward and not since (no zero_grad): torch.optim steps them
             work.append((-1, left, [p.grad for p in left]))
         bad = self._non_finite(work) if self.check_finite else set()
-        if bad and self.clipper is not None:
-            work = []  # the norm is not finite: clipping would write NaN into every gradient
-        elif self.clipper is not None:
+        if self.clipper is not None and not bad:
             self.clipper.clip(self.model, max_norm)
-        for index, params, grads in work:
-            if index not in bad:
-                self._apply(params, grads)
+        if not (bad and self.clipper is not None):  # else the norm is not finite: nothing moves
+            for index, params, grads in work:
+                if index not in bad:
+                    self._apply(params, grads)
         if bad:
-            names = [self.names.get(id(p), "?") for index, params, _ in self._deferred + [(-1, left, [])]
-                     if index in bad for p in params]
+            names = [self.names.get(id(p), "?") for index, params, _ in work if index in bad for p in params]
             raise NonFiniteGradientError(names, min(bad))
 
     def _non_finite(self, work: list[tuple[int, list[Tensor], list[Tensor | None]]]) -> set[int]:
@@ -365,6 +369,13 @@ class FSDPOverlapState:
         return bad
 
     def acknowledge_step(self, optimizer_index: int) -> None:
+        """``step()`` of overlapped optimizer ``optimizer_index``. One with no synchronising
+        backward since its last ``step()`` steps as torch.optim would, with whatever ``.grad``
+        holds (what :func:`torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`
+        relies on to create the state of a fresh optimizer)."""
+        if not self.ledger.awaiting[optimizer_index] and not self._in_backward:
+            params = [p for p in self.optimizers[optimizer_index].params() if p.grad is not None]
+            self._apply(params, [p.grad for p in params])
         self.ledger.acknowledge(optimizer_index)
 
     # -- what OverlappedOptimizer asks of every hook state -----------------------------------
