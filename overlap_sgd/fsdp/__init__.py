@@ -25,7 +25,8 @@ rounds differently from the multi-tensor kernel the overlap picks by default).
 group's ``fsdp_params``, sets each sharded parameter's ``.grad`` (a DTensor viewing the
 reduce-scatter output, or adds into the existing one) and at once calls that parameter's
 ``_post_accumulate_grad_hooks``, i.e. the hooks of ``Tensor.register_post_accumulate_grad_hook``
-(torch 2.9.1: lines 596-619, skipped under compiled autograd; torch 2.13: lines 717-758). The
+(torch 2.9.1: the loop under ``with stream(post_reduce_stream)`` at line 575, hooks at
+lines 615-619, skipped under compiled autograd; torch 2.13: line 685, hooks at lines 755-758). The
 sharded parameters are not part of the autograd graph (the unsharded ones are), so these are the
 only calls those hooks get, once per parameter per reduce-scatter, and none in backward passes
 under ``set_requires_gradient_sync(False)``, which accumulate the unsharded gradients and
