@@ -24,6 +24,11 @@ resumes from step 100 and ends bit-identical to a run that never crashed:
 The global gradient norm is clipped to 1.0 (--clip, 0 turns it off), exactly, with the
 updates still inside backward: steps that clip are corrected in step().
 
+The same with FSDP2 (fully_shard on each block and on the root) instead of DDP: each block's
+parameters are updated as soon as its reduce-scatter lands:
+
+    torchrun --standalone --nproc-per-node 2 examples/train_gpt.py --fsdp --mode both
+
 Runs on CPU with gloo, or on CUDA with NCCL when a GPU is present (--device).
 """
 
@@ -37,6 +42,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import overlap_sgd
@@ -70,6 +76,7 @@ parser.add_argument("--steps", type=int, default=250, help="total optimizer step
 parser.add_argument("--clip", type=float, default=1.0, help="clip the global gradient norm to this (as nanoGPT does; 0: off): clip_grad_norm_ after backward, or overlap(..., clip_grad_norm=...) corrected in step()")
 parser.add_argument("--bf16", action="store_true", help="bf16 autocast for forward and backward (parameters and optimizer stay fp32)")
 parser.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP bucket size (DDP's default; this model fits in one bucket; smaller buckets give the overlap something to hide behind, at a fixed cost per bucket)")
+parser.add_argument("--fsdp", action="store_true", help="FSDP2 instead of DDP: fully_shard on each block and on the root (parameters, gradients and optimizer state sharded)")
 parser.add_argument("--executor", choices=["auto", "thread", "inline"], default="auto", help="where overlapped updates run (auto: a worker thread on CPU, a side stream on CUDA)")
 parser.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the batches")
 parser.add_argument("--eval-every", type=int, default=50, help="validation loss every this many steps (and at the end)")
@@ -82,6 +89,8 @@ parser.add_argument("--checkpoint-every", type=int, default=0, help="write a che
 parser.add_argument("--save-final", default=None, help="write {model, optimizer, step} here at the end (torch.save)")
 parser.add_argument("--crash-at-step", type=int, default=None, help="fault injection: rank 1 SIGKILLs itself just before this step, on the first attempt only")
 args = parser.parse_args()
+if args.fsdp and (args.optimizer == "muon" or args.checkpoint_dir or args.save_final or args.crash_at_step is not None):
+    parser.error("--fsdp trains AdamW without --checkpoint-dir, --save-final and --crash-at-step")
 if args.mode == "both" and (args.checkpoint_dir or args.save_final or args.crash_at_step is not None):
     parser.error("--checkpoint-dir, --save-final and --crash-at-step apply to --mode overlap or post")
 if args.clip < 0:
@@ -142,8 +151,16 @@ def build(mode):
        (embeddings, norms) to AdamW: two optimizers over disjoint parameters, overlapped by one
        overlap() call. fused=True: the post-backward step runs the fastest AdamW kernel too.
     """
-    model = DDP(copy.deepcopy(initial), device_ids=[device.index] if launch.cuda else None, bucket_cap_mb=args.bucket_cap_mb)
-    net = model.module
+    if args.fsdp:
+        # 4b. FSDP2: each block is one parameter group, reduce-scattered (and, overlapped,
+        #     updated) on its own; the root takes the embeddings and the final norm.
+        model = net = copy.deepcopy(initial)
+        for block in net.blocks:
+            fully_shard(block)
+        fully_shard(net)
+    else:
+        model = DDP(copy.deepcopy(initial), device_ids=[device.index] if launch.cuda else None, bucket_cap_mb=args.bucket_cap_mb)
+        net = model.module
     params = list(net.parameters())  # the tied embedding / output weight once
     hidden = {id(p) for p in net.hidden_matrices()} if args.optimizer == "muon" else set()
     rest = [p for p in params if id(p) not in hidden]
@@ -194,7 +211,9 @@ def train_step(mode, step):
     for micro in range(args.accumulate):
         x, y = batch("train", step, micro)
         last = micro == args.accumulate - 1
-        with nullcontext() if last else model.no_sync():  # no communication, no update
+        if args.fsdp:
+            model.set_requires_gradient_sync(last)  # FSDP's no_sync
+        with nullcontext() if last or args.fsdp else model.no_sync():  # no communication, no update
             with autocast():
                 _, loss = model(x, y)
             (loss / args.accumulate).backward()  # overlap: the update runs in the last backward
@@ -217,7 +236,7 @@ def train_step(mode, step):
 @torch.no_grad()
 def validation_loss(mode):
     """Mean loss over --eval-batches fixed validation batches per rank, averaged over ranks."""
-    net = runs[mode][0].module
+    net = runs[mode][0] if args.fsdp else runs[mode][0].module
     total = torch.zeros((), device=device)
     for i in range(args.eval_batches):
         x, y = batch("val", i, 0)

@@ -12,6 +12,7 @@ from torch.optim import Optimizer
 
 from . import accelerated
 from .attached import STATE_ATTR, overlapped_optimizers, trainable_parameters, uncompiled
+from .fsdp import is_fsdp, overlap_fsdp
 from .hooks import Executor, OverlapHookState, make_executor, overlap_hook
 from .hooks.norm_clip import ClipGradNorm
 from .optimizer import OverlappedOptimizer
@@ -49,7 +50,8 @@ def overlap(
 
     Args:
         ddp_model: a :class:`~torch.nn.parallel.DistributedDataParallel` model without a comm
-            hook, or ``torch.compile`` of one.
+            hook, or ``torch.compile`` of one; or a ``fully_shard`` (FSDP2) root module, see
+            :mod:`overlap_sgd.fsdp`.
         optimizer: a ``torch.optim`` optimizer over the model's parameters, or a list of them
             over disjoint parameter sets that together hold every trainable parameter. An
             Accelerate ``AcceleratedOptimizer`` (from ``Accelerator.prepare``) is overlapped
@@ -122,6 +124,14 @@ def overlap(
             opt.step()
             opt.zero_grad()
     """
+    if is_fsdp(uncompiled(ddp_model)):  # a fully_shard model: see overlap_sgd.fsdp
+        return overlap_fsdp(
+            uncompiled(ddp_model), optimizer, comm_hook, comm_state, executor=executor,
+            check_finite=check_finite, clip_grad_value=clip_grad_value, clip_grad_norm=clip_grad_norm,
+            clip_grad_norm_per_param=clip_grad_norm_per_param,
+            check_consistency_every=check_consistency_every, slice_mb=slice_mb, grad_views=grad_views,
+            shard=shard,
+        )
     ddp_model = _checked_model(ddp_model)
     single = not isinstance(optimizer, (list, tuple))
     outer, optimizers = _unwrapped_optimizers(optimizer)

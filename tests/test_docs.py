@@ -101,7 +101,7 @@ def _resolve(name: str) -> object:
 PUBLIC_MODULES = [
     "overlap_sgd", "overlap_sgd.hooks", "overlap_sgd.functional", "overlap_sgd.registry",
     "overlap_sgd.checkpoint", "overlap_sgd.dcp", "overlap_sgd.accelerated", "overlap_sgd.consistency",
-    "overlap_sgd.shutdown", "overlap_sgd.options",
+    "overlap_sgd.shutdown", "overlap_sgd.options", "overlap_sgd.fsdp",
 ]
 
 

@@ -1,0 +1,539 @@
+"""FSDP2 (``fully_shard``) with ``overlap()``: parity with the post-backward ``torch.optim`` step,
+distributed checkpoints across world sizes, and what is refused.
+
+Every parity scenario trains two copies of one model, sharded the same way, on the same data:
+the reference steps after backward, the other is overlapped (each FSDP group updated as its
+reduce-scatter lands). Both sides pin the kernel (``foreach=True`` or ``fused=True``: torch's
+default for DTensors on CPU is the single-tensor loop), so the updates are the same kernel on
+the same sharded gradients and the shards must agree bit for bit; the parameters must also have
+moved and stayed finite.
+
+FSDP2 runs on CPU with gloo on torch 2.9.1 and 2.13 alike (gloo has reduce_scatter and
+all_gather into tensors, and a CPU device mesh needs nothing more), so none of this is skipped.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+import overlap_sgd
+from overlap_sgd.hooks.norm_clip import ClipGradNorm
+from tests.distributed import run_distributed
+
+TIMEOUT = 120
+
+
+class Lion(torch.optim.Optimizer):
+    """An optimizer nobody registered: overlapped through the generic path."""
+
+    def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.99)):
+        super().__init__(params, dict(lr=lr, betas=betas))
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["exp_avg"] = torch.zeros_like(p)
+                m = st["exp_avg"]
+                p.add_(torch.sign(m * b1 + p.grad * (1 - b1)), alpha=-group["lr"])
+                m.mul_(b2).add_(p.grad, alpha=1 - b2)
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, unused: bool = False):
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+        self.extra = nn.Linear(width, width) if unused else None  # never called
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.fc(h))
+
+
+class Model(nn.Module):
+    """Odd sizes, so that three ranks shard unevenly (a rank may hold an empty shard)."""
+
+    def __init__(self, width: int = 13, depth: int = 3, frozen: bool = False, unused: bool = False):
+        super().__init__()
+        self.inp = nn.Linear(6, width)
+        self.blocks = nn.ModuleList(Block(width, unused and i == 1) for i in range(depth))
+        self.head = nn.Linear(width, 5)
+        if frozen:
+            self.blocks[0].fc.bias.requires_grad_(False)
+            self.inp.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x))
+        for b in self.blocks:
+            h = b(h)
+        return self.head(h)
+
+
+@dataclass
+class Scenario:
+    name: str
+    opt: str = "sgd"
+    kw: dict[str, Any] = field(default_factory=dict)
+    world: int = 2
+    steps: int = 5
+    accumulate: int = 1
+    reshard_after_forward: bool = True
+    mixed: bool = False
+    frozen: bool = False
+    unused: bool = False
+    clip: float | None = None
+    groups: bool = False
+    two_optimizers: bool = False
+    scheduler: bool = False
+    executor: str = "auto"
+    zero: str = "none"
+
+
+OPTIMIZERS = {
+    "sgd": lambda params, **kw: torch.optim.SGD(params, **{"lr": 0.1, "momentum": 0.9, "foreach": True, **kw}),
+    "adam": lambda params, **kw: torch.optim.Adam(params, **{"lr": 0.01, "foreach": True, **kw}),
+    "adamw": lambda params, **kw: torch.optim.AdamW(params, **{"lr": 0.01, "weight_decay": 0.1, "foreach": True, **kw}),
+    "adagrad": lambda params, **kw: torch.optim.Adagrad(params, **{"lr": 0.1, "foreach": True, **kw}),
+    "rmsprop": lambda params, **kw: torch.optim.RMSprop(params, **{"lr": 0.01, "momentum": 0.5, "foreach": True, **kw}),
+    "lion": lambda params, **kw: Lion(params, **{"lr": 0.01, **kw}),
+}
+
+SCENARIOS = [
+    Scenario("sgd-momentum"),
+    Scenario("sgd-nesterov-3ranks", kw=dict(nesterov=True, weight_decay=0.01), world=3),
+    Scenario("adam-foreach"),
+    Scenario("adam-fused", opt="adam", kw=dict(foreach=None, fused=True)),
+    Scenario("adamw-3ranks", opt="adamw", world=3),
+    Scenario("adagrad", opt="adagrad"),
+    Scenario("rmsprop", opt="rmsprop"),
+    Scenario("generic-path", opt="lion"),
+    Scenario("accumulation", opt="adamw", accumulate=3),
+    Scenario("accumulation-3ranks", opt="sgd", accumulate=2, world=3),
+    Scenario("no-reshard-after-forward", opt="adamw", reshard_after_forward=False),
+    Scenario("mixed-precision", opt="adamw", mixed=True),
+    Scenario("frozen", opt="adam", frozen=True),
+    Scenario("unused-parameters", opt="adam", unused=True),
+    Scenario("clip", opt="adamw", clip=0.05),
+    Scenario("clip-sgd-3ranks", opt="sgd", clip=0.05, world=3),
+    Scenario("param-groups-scheduler", opt="adamw", groups=True, scheduler=True),
+    Scenario("two-optimizers", opt="sgd", two_optimizers=True),
+    Scenario("inline-executor", opt="adam", executor="inline"),
+    Scenario("zero-grad-keep-zeros", opt="sgd", zero="zeros", unused=True),
+]
+
+
+def _build(s: Scenario, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = Model(frozen=s.frozen, unused=s.unused)
+    kw: dict[str, Any] = dict(reshard_after_forward=s.reshard_after_forward)
+    if s.mixed:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for b in model.blocks:
+        fully_shard(b, **kw)
+    fully_shard(model, **kw)
+    model.sharded = dict(model.named_parameters())  # without resharding, forward swaps in unsharded ones
+    return model
+
+
+def _optimizers(s: Scenario, model: nn.Module) -> list[torch.optim.Optimizer]:
+    make = OPTIMIZERS[s.opt]
+    params = [p for p in model.parameters() if p.requires_grad]
+    if s.two_optimizers:
+        head = [p for n, p in model.named_parameters() if n.startswith("head")]
+        rest = [p for n, p in model.named_parameters() if not n.startswith("head") and p.requires_grad]
+        return [make(rest), make(head, lr=0.05)]
+    if s.groups:
+        decay = [p for p in params if p.dim() > 1]
+        no_decay = [p for p in params if p.dim() <= 1]
+        return [make([{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "lr": 0.02}])]
+    return [make(params)]
+
+
+def _train(s: Scenario, model: nn.Module, opts: list[Any], rank: int, reference: bool = False) -> list[float]:
+    """Train ``s.steps`` steps; the ``reference`` clips after backward as a post-backward loop does."""
+    scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in opts] if s.scheduler else []
+    losses = []
+    for step in range(s.steps):
+        for micro in range(s.accumulate):
+            last = micro == s.accumulate - 1
+            model.set_requires_gradient_sync(last)
+            g = torch.Generator().manual_seed(1000 * step + 10 * micro + rank)
+            x = torch.randn(4, 6, generator=g)
+            y = torch.randn(4, 5, generator=g)
+            loss = F.mse_loss(model(x).float(), y) * 10  # bf16 outputs under mixed precision
+            before = _shards(model) if last and not reference else None
+            loss.backward()
+            losses.append(loss.item())
+            if before is not None:
+                _check_updated_in_backward(s, model, before)
+        if reference and s.clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), s.clip)
+        for o in opts:
+            o.step()
+        for sc in scheds:
+            sc.step()
+        for o in opts:
+            o.zero_grad(set_to_none=s.zero == "none")
+    return losses
+
+
+def _check_updated_in_backward(s: Scenario, model: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    """The overlap updated every group inside backward (or, deferred, none before step())."""
+    launched = model._overlap_sgd_state.wait_updates()
+    after = _shards(model)
+    changed = {n: not torch.equal(after[n], before[n]) for n in after if after[n].numel()}
+    trainable = {n for n, p in model.sharded.items() if p.requires_grad and "extra" not in n}
+    deferred = s.clip is not None
+    if deferred:
+        assert launched == 0 and not any(changed.values()), "updates ran before step() despite clipping"
+    else:
+        assert launched == len(model._overlap_sgd_state._sizes), (launched, model._overlap_sgd_state._sizes)
+        stale = [n for n in trainable if n in changed and not changed[n]]
+        assert not stale, f"not updated inside backward: {stale}"
+
+
+def _shards(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.to_local().detach().clone() for n, p in model.sharded.items()}
+
+
+def _state(opts: list[Any]) -> list[dict[str, Any]]:
+    out = []
+    for o in opts:
+        sd = o.state_dict()
+        out.append({
+            k: {n: (v.to_local() if hasattr(v, "to_local") else v).clone() if torch.is_tensor(v) else v
+                for n, v in st.items()}
+            for k, st in sd["state"].items()
+        })
+    return out
+
+
+def parity_body(rank: int, world: int, s: Scenario) -> dict[str, Any]:
+    torch.manual_seed(0)
+    ref = _build(s)
+    ref_opts = _optimizers(s, ref)
+    model = _build(s)
+    initial = _shards(model)
+    given = _optimizers(s, model)
+    opts = overlap_sgd.overlap(model, given[0] if len(given) == 1 else given, clip_grad_norm=s.clip,
+                               executor=s.executor)
+    opts = opts if isinstance(opts, list) else [opts]
+    ref_losses = _train(s, ref, ref_opts, rank, reference=True)
+    losses = _train(s, model, opts, rank)
+    got, want = _shards(model), _shards(ref)
+    mismatched = [n for n in want if not torch.equal(got[n], want[n])]
+    state_equal = all(
+        all(torch.equal(a[k][n], b[k][n]) if torch.is_tensor(a[k][n]) else a[k][n] == b[k][n]
+            for k in a for n in a[k])
+        and a.keys() == b.keys()
+        for a, b in zip(_state(opts), _state(ref_opts))
+    )
+    moved = {n: not torch.equal(got[n], initial[n]) for n in got if got[n].numel()}
+    moved_any = {n: bool(v) for n, v in _gather_moved(moved, model).items()}
+    return dict(
+        mismatched=mismatched, state_equal=state_equal, losses_equal=losses == ref_losses,
+        moved=moved_any, finite=all(bool(torch.isfinite(t).all()) for t in got.values()),
+        dtypes={type(v).__name__ for sd in (o.state_dict() for o in opts) for st in sd["state"].values()
+                for v in st.values()},
+    )
+
+
+def _gather_moved(moved: dict[str, bool], model: nn.Module) -> dict[str, bool]:
+    """Whether each parameter moved on any rank (a rank's shard may be empty)."""
+    names = [n for n, _ in model.named_parameters()]
+    flags = torch.tensor([float(moved.get(n, False)) for n in names])
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return dict(zip(names, flags.bool().tolist()))
+
+
+@pytest.mark.parametrize("s", SCENARIOS, ids=lambda s: s.name)
+def test_parity(s: Scenario) -> None:
+    for r in run_distributed(parity_body, s.world, s, timeout=TIMEOUT):
+        assert r["mismatched"] == [], f"{s.name}: shards differ from the post-backward step: {r['mismatched']}"
+        assert r["state_equal"], f"{s.name}: optimizer state differs"
+        assert r["losses_equal"], f"{s.name}: losses differ"
+        assert r["finite"]
+        for name, moved in r["moved"].items():
+            frozen = s.frozen and (name.startswith("inp") or name == "blocks.0.fc.bias")
+            unused = s.unused and "extra" in name
+            assert moved == (not frozen and not unused), f"{s.name}: {name} moved={moved}"
+        assert "DTensor" in r["dtypes"], f"{s.name}: state is not kept as DTensors: {r['dtypes']}"
+
+
+class SlowLion(Lion):
+    """Takes its time, so that an update still runs when backward returns; fails on demand."""
+
+    fail = False
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        import time
+
+        time.sleep(0.05)
+        if SlowLion.fail:
+            raise ArithmeticError("update failed")
+        super().step()
+
+
+def waits_body(rank: int, world: int) -> dict[str, Any]:
+    model = _build(Scenario("slow"))
+    opt = overlap_sgd.overlap(model, SlowLion(model.parameters(), lr=0.01))
+    x = torch.randn(4, 6)
+    before = _shards(model)
+    model(x).sum().backward()
+    opt.step()  # must wait for every group's update
+    after = _shards(model)
+    stale = [n for n in after if after[n].numel() and torch.equal(after[n], before[n])]
+    opt.zero_grad()
+    SlowLion.fail = True
+    model(x).sum().backward()
+    try:
+        opt.step()
+        raised = None
+    except ArithmeticError as exc:
+        raised = str(exc)
+    SlowLion.fail = False
+    opt.zero_grad()
+    model(x).sum().backward()  # the failed step does not block the next one
+    opt.step()
+    return dict(stale=stale, raised=raised)
+
+
+def test_step_waits_for_updates_and_raises_their_errors() -> None:
+    for r in run_distributed(waits_body, 2, timeout=TIMEOUT):
+        assert r["stale"] == [], f"step() returned before these were updated: {r['stale']}"
+        assert r["raised"] == "update failed"
+
+
+# -- distributed checkpoints ---------------------------------------------------------------------
+
+DCP_STEPS = 3
+
+
+def _data(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(7919 * step + rank)
+    return torch.randn(4, 6, generator=g), torch.randn(4, 5, generator=g)
+
+
+def _full(model: nn.Module, opt: Any) -> dict[str, Any]:
+    """Every rank's view of the whole model and optimizer state (plain tensors)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    msd = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in get_model_state_dict(model).items()}
+    osd = get_optimizer_state_dict(model, opt)
+    state = {
+        fqn: {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).clone() for k, v in st.items()}
+        for fqn, st in osd["state"].items()
+    }
+    return _plain(dict(model=msd, state=state, lr=[g["lr"] for g in osd["param_groups"]]))
+
+
+def _plain(obj: Any) -> Any:
+    """``obj`` with tensors as (dtype, shape, values): tensors do not cross the result queue."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if torch.is_tensor(obj):
+        return (str(obj.dtype), tuple(obj.shape), obj.detach().flatten().tolist())
+    return obj
+
+
+def dcp_save_body(rank: int, world: int, path: str) -> dict[str, Any]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    model = _build(Scenario("dcp"))
+    opt = overlap_sgd.overlap(model, OPTIMIZERS["adamw"](model.parameters()))
+    for step in range(DCP_STEPS):
+        x, y = _data(step, rank)
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=path)
+    return _full(model, opt.optimizer)
+
+
+def dcp_load_body(rank: int, world: int, path: str, inner: bool) -> dict[str, Any]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
+    )
+
+    out = {}
+    for overlapped in (True, False):
+        model = _build(Scenario("dcp"), seed=1)  # other weights: the checkpoint must replace them
+        opt = OPTIMIZERS["adamw"](model.parameters())
+        if overlapped:
+            opt = overlap_sgd.overlap(model, opt)
+        target = opt.optimizer if overlapped and inner else opt
+        sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, target)}
+        dcp.load(sd, checkpoint_id=path)
+        set_model_state_dict(model, sd["model"])
+        set_optimizer_state_dict(model, target, sd["optim"])
+        loaded = _full(model, target)
+        x, y = _data(100, rank)
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        out["overlap" if overlapped else "reference"] = dict(loaded=loaded, after=_full(model, target))
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("world,inner", [(3, False), (1, True)], ids=["3-ranks", "1-rank-inner"])
+def test_dcp_saved_on_two_ranks_resumes_on(tmp_path: Any, world: int, inner: bool) -> None:
+    path = str(tmp_path / "ckpt")
+    saved = run_distributed(dcp_save_body, 2, path, timeout=TIMEOUT)[0]
+    assert saved["state"], "nothing saved"
+    for r in run_distributed(dcp_load_body, world, path, inner, timeout=TIMEOUT):
+        for side in ("overlap", "reference"):
+            assert _same(r[side]["loaded"], saved), f"{side}: the loaded state differs from the saved one"
+        after, ref = r["overlap"]["after"], r["reference"]["after"]
+        assert _same(after, ref), "the step after resuming differs from the post-backward step"
+        assert not _same(after["model"], saved["model"]), "the step after resuming did nothing"
+
+
+# -- what is refused ---------------------------------------------------------------------------
+
+
+def _refusal(make: Any) -> str:
+    """The message of the ValueError that ``make()`` raises, with no hook left behind."""
+    model, call = make()
+    try:
+        call()
+    except ValueError as exc:
+        hooks = [n for n, p in model.named_parameters() if getattr(p, "_post_accumulate_grad_hooks", None)]
+        assert not hooks, f"hooks left on {hooks} by a refused overlap()"
+        assert getattr(model, "_overlap_sgd_state", None) is None
+        return str(exc)
+    return "no error"
+
+
+def refusals_body(rank: int, world: int) -> dict[str, str]:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    def plain(**kw: Any) -> Any:
+        model = _build(Scenario("refused"))
+        return model, lambda: overlap_sgd.overlap(model, OPTIMIZERS["adamw"](model.parameters()), **kw)
+
+    def hsdp() -> Any:
+        torch.manual_seed(0)
+        model = Model()
+        mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard"))
+        fully_shard(model, mesh=mesh)
+        return model, lambda: overlap_sgd.overlap(model, torch.optim.AdamW(model.parameters()))
+
+    def offload() -> Any:
+        torch.manual_seed(0)
+        model = Model()
+        fully_shard(model, offload_policy=CPUOffloadPolicy(pin_memory=False))
+        return model, lambda: overlap_sgd.overlap(model, torch.optim.AdamW(model.parameters()))
+
+    def optimizer_before_sharding() -> Any:
+        torch.manual_seed(0)
+        model = Model()
+        opt = torch.optim.AdamW(model.parameters())
+        fully_shard(model)
+        return model, lambda: overlap_sgd.overlap(model, opt)
+
+    def whole_tensor_optimizer() -> Any:
+        model = _build(Scenario("refused"))
+        return model, lambda: overlap_sgd.overlap(model, torch.optim.Adafactor(model.parameters()))
+
+    cases = {
+        "hsdp": hsdp,
+        "offload": offload,
+        "optimizer-before-sharding": optimizer_before_sharding,
+        "adafactor": whole_tensor_optimizer,
+        "shard": lambda: plain(shard=True),
+        "comm_hook": lambda: plain(comm_hook=lambda state, bucket: None),
+        "slice_mb": lambda: plain(slice_mb=4),
+        "clip_grad_value": lambda: plain(clip_grad_value=1.0),
+        "clip_grad_norm_per_param": lambda: plain(clip_grad_norm_per_param=1.0),
+        "check_consistency_every": lambda: plain(check_consistency_every=10),
+        "speculate": lambda: plain(clip_grad_norm=ClipGradNorm(1.0, policy="speculate")),
+    }
+    out = {name: _refusal(make) for name, make in cases.items()}
+
+    model = _build(Scenario("twice"))  # a second synchronising backward without step()
+    opt = overlap_sgd.overlap(model, OPTIMIZERS["sgd"](model.parameters()))
+    model(torch.randn(2, 6)).sum().backward()
+    try:
+        model(torch.randn(2, 6)).sum().backward()
+        out["backward-twice"] = "no error"
+    except RuntimeError as exc:
+        out["backward-twice"] = str(exc)
+    del opt
+    return out
+
+
+REFUSED = {
+    "hsdp": "1-D mesh",
+    "offload": "CPUOffloadPolicy",
+    "optimizer-before-sharding": "after fully_shard",
+    "adafactor": "not element-wise",
+    "shard": "sharded already",
+    "comm_hook": "reduce-scatters by itself",
+    "slice_mb": "fully_shard",
+    "clip_grad_value": "clip_grad_norm=max_norm",
+    "clip_grad_norm_per_param": "clip_grad_norm=max_norm",
+    "check_consistency_every": "different shards",
+    "speculate": "policy='auto' or 'defer'",
+    "backward-twice": "set_requires_gradient_sync(False)",
+}
+
+
+def test_refused_before_anything_is_touched() -> None:
+    for r in run_distributed(refusals_body, 2, timeout=TIMEOUT):
+        for name, needle in REFUSED.items():
+            assert needle in r[name], f"{name}: {r[name]!r}"
+
+
+def finite_body(rank: int, world: int) -> dict[str, Any]:
+    model = _build(Scenario("finite"))
+    opt = overlap_sgd.overlap(model, OPTIMIZERS["sgd"](model.parameters()), check_finite=True)
+    model(torch.randn(4, 6)).sum().backward()
+    if rank == 0:  # inf in one rank's shard only: every rank must leave the group alone
+        model.sharded["head.weight"].grad.to_local().view(-1)[0] = float("inf")
+    before = _shards(model)
+    try:
+        opt.step()
+        names = None
+    except overlap_sgd.hooks.NonFiniteGradientError as exc:
+        names = exc.names
+    after = _shards(model)
+    moved = {n: not torch.equal(after[n], before[n]) for n in after if after[n].numel()}
+    opt.zero_grad()
+    model(torch.randn(4, 6)).sum().backward()  # the next step runs as usual
+    opt.step()
+    return dict(names=names, moved=moved)
+
+
+def test_check_finite_agrees_across_ranks() -> None:
+    for r in run_distributed(finite_body, 2, timeout=TIMEOUT):
+        root_group = ["inp.weight", "inp.bias", "head.weight", "head.bias"]  # the root's fully_shard
+        assert r["names"] == root_group, r["names"]
+        for name, moved in r["moved"].items():
+            assert moved == (name not in root_group), f"{name} moved={moved}"
