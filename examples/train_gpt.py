@@ -89,8 +89,8 @@ parser.add_argument("--checkpoint-every", type=int, default=0, help="write a che
 parser.add_argument("--save-final", default=None, help="write {model, optimizer, step} here at the end (torch.save)")
 parser.add_argument("--crash-at-step", type=int, default=None, help="fault injection: rank 1 SIGKILLs itself just before this step, on the first attempt only")
 args = parser.parse_args()
-if args.fsdp and (args.optimizer == "muon" or args.checkpoint_dir or args.save_final or args.crash_at_step is not None):
-    parser.error("--fsdp trains AdamW without --checkpoint-dir, --save-final and --crash-at-step")
+if args.fsdp and args.optimizer == "muon":
+    parser.error("--fsdp trains AdamW (Muon's update needs whole matrices, FSDP shards them)")
 if args.mode == "both" and (args.checkpoint_dir or args.save_final or args.crash_at_step is not None):
     parser.error("--checkpoint-dir, --save-final and --crash-at-step apply to --mode overlap or post")
 if args.clip < 0:
@@ -319,8 +319,11 @@ if args.checkpoint_dir and saved_at != step:
     saved_at = save(step)
 if args.save_final:
     model, optimizers, _ = runs[args.mode]
-    states = [o.state_dict() for o in optimizers]
-    save_checkpoint(args.save_final, {"model": model.module.state_dict(), "optimizer": states[0] if len(states) == 1 else states, "step": step})
+    if args.fsdp:  # sharded: every rank writes its shards, into args.save_final with .dcp
+        save_checkpoint(args.save_final, checkpoint_state(model, optimizers, step=step))
+    else:
+        states = [o.state_dict() for o in optimizers]
+        save_checkpoint(args.save_final, {"model": model.module.state_dict(), "optimizer": states[0] if len(states) == 1 else states, "step": step})
 
 if loss is None:
     log(f"summary: mode {args.mode} | nothing to do, already at step {step}")

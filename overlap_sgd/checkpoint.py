@@ -27,6 +27,11 @@ rank 0 renames into place once every rank has finished, so a killed job again le
 previous checkpoint or the new one. Loading reads each rank's share only, on any number of
 ranks, into a sharded, unsharded or plain optimizer.
 
+With an FSDP2 model (``fully_shard``) the model and the optimizer state are both sharded: the
+checkpoint is a ``.dcp`` directory again, in which every rank writes its shards of both with
+:mod:`torch.distributed.checkpoint` (torch's ``get_state_dict`` / ``set_state_dict``, so a
+checkpoint resumes on another number of ranks), and rank 0 the rest into ``state.pt``.
+
 Loading validates before it touches anything: a checkpoint written for another optimizer class
 or another parameter layout raises :class:`ValueError` and leaves model, optimizer and scheduler
 as they were.
@@ -60,6 +65,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
+from .fsdp.groups import is_fsdp
+
 __all__ = [
     "checkpoint_path",
     "checkpoint_state",
@@ -73,6 +80,8 @@ __all__ = [
 _NAME = re.compile(r"^ckpt-(\d+)\.(pt|dcp)$")
 #: In a sharded checkpoint directory: rank 0's part, and the optimizers' DCP checkpoint.
 _STATE_FILE, _OPTIMIZER_DIR = "state.pt", "optimizer"
+#: In an FSDP2 checkpoint directory: the model's and the optimizers' shards, one DCP checkpoint.
+_FSDP_DIR = "model_and_optimizer"
 _FORMAT = 1
 
 
@@ -100,7 +109,8 @@ def checkpoint_state(
     counter, a data position) must be plain data: ints, floats, strings, tensors, and lists,
     tuples or dicts of them.
     """
-    reserved = {"format", "model", "optimizer", "optimizer_class", "layout", "scheduler", "clipping"} & extra.keys()
+    reserved = {"format", "model", "model_shapes", "optimizer", "optimizer_class", "layout", "scheduler",
+                "clipping"} & extra.keys()
     if reserved:
         raise ValueError(f"extra keys {sorted(reserved)} are reserved by checkpoint_state()")
     several = isinstance(optimizer, (list, tuple))
@@ -117,14 +127,27 @@ def checkpoint_state(
     sharded = [getattr(o, "_sharded", False) for o in optimizers]
     if any(sharded) and not all(sharded):
         raise ValueError("checkpoint_state() got sharded and unsharded optimizers together")
-    state: dict[str, Any] = {
-        "format": _FORMAT,
-        "model": _module(model).state_dict(),
-        # Sharded: the live optimizers, each rank writing its share when saved (no gathering).
-        "optimizer": each(lambda o: _Sharded(model, o) if sharded[0] else o.state_dict()),
-        "optimizer_class": each(_class_name),
-        "layout": each(_layout),
-    }
+    if is_fsdp(_module(model)):
+        # Model and optimizers sharded by FSDP: every rank writes its shards when saved.
+        whole = _FSDPShards(_module(model), optimizers)
+        state: dict[str, Any] = {
+            "format": _FORMAT,
+            "model": whole,
+            "model_shapes": {k: list(v.shape) for k, v in _module(model).state_dict().items()
+                             if isinstance(v, torch.Tensor)},
+            "optimizer": each(lambda o: whole),
+            "optimizer_class": each(_class_name),
+            "layout": each(_layout),
+        }
+    else:
+        state = {
+            "format": _FORMAT,
+            "model": _module(model).state_dict(),
+            # Sharded: the live optimizers, each rank writing its share when saved (no gathering).
+            "optimizer": each(lambda o: _Sharded(model, o) if sharded[0] else o.state_dict()),
+            "optimizer_class": each(_class_name),
+            "layout": each(_layout),
+        }
     clipper = _clipper(optimizers[0])
     if clipper is not None:
         # Global-norm clipping's policy memory: a resumed run speculates or defers as the run
@@ -154,6 +177,13 @@ def save_checkpoint(path: str | os.PathLike[str], obj: Any) -> None:
     ``path``, with the suffix ``.dcp`` (see the module docs); every rank writes its share.
     """
     path = Path(path)
+    if isinstance(obj, dict) and isinstance(obj.get("model"), _FSDPShards):
+        whole = obj["model"]
+        plain = {k: v for k, v in obj.items() if k not in ("model", "optimizer")}
+        plain["model"] = None
+        plain["optimizer"] = [None] * len(obj["optimizer"]) if isinstance(obj["optimizer"], list) else None
+        _save_directory(path, plain, _FSDP_DIR, whole.state_dict)
+        return
     sharded = _sharded_entries(obj)
     if sharded:
         _save_sharded(path, obj, sharded)
@@ -210,25 +240,40 @@ def load_checkpoint(
     """
     path = Path(path)
     shards = path / _OPTIMIZER_DIR if path.is_dir() else None
-    ckpt = torch.load(path / _STATE_FILE if shards else path, map_location=map_location, weights_only=True)
+    fsdp_dir = path / _FSDP_DIR if path.is_dir() and (path / _FSDP_DIR).is_dir() else None
+    if fsdp_dir is not None:
+        shards = None
+    ckpt = torch.load(path / _STATE_FILE if path.is_dir() else path, map_location=map_location, weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != _FORMAT:
         raise ValueError(f"{path} is not a checkpoint written by overlap_sgd.checkpoint_state()")
     where = str(path)
     optimizers, saved = _pair(where, "optimizer", optimizer, ckpt)
     for opt, entry in zip(optimizers, saved):
         _check_optimizer(where, entry, opt)
-    _check_model(where, ckpt, _module(model))
+    if (fsdp_dir is not None) != is_fsdp(_module(model)):
+        raise ValueError(
+            f"{where} was written {'from' if fsdp_dir is not None else 'without'} an FSDP2 model, but "
+            f"the model to load it into is {'not ' if fsdp_dir is not None else ''}one; the model "
+            "must be sharded as in the run that wrote it (any number of ranks)"
+        )
+    if fsdp_dir is not None:
+        _check_shapes(where, ckpt.get("model_shapes") or {}, _module(model))
+    else:
+        _check_model(where, ckpt, _module(model))
     schedulers, saved_schedulers = [], []
     if scheduler is not None:
         if "scheduler" not in ckpt:
             raise ValueError(f"{where} holds no scheduler state, but a scheduler was given to load it")
         schedulers, saved_schedulers = _pair(where, "scheduler", scheduler, ckpt)
-    _module(model).load_state_dict(ckpt["model"])
+    if fsdp_dir is not None:
+        _FSDPShards(_module(model), optimizers).load(fsdp_dir)
+    else:
+        _module(model).load_state_dict(ckpt["model"])
     if shards is not None:
         from .dcp import load_optimizer_state_dict
 
         load_optimizer_state_dict(model, optimizers, shards)
-    else:
+    elif fsdp_dir is None:
         for opt, entry in zip(optimizers, saved):
             opt.load_state_dict(entry["optimizer"])
     for sched, state in zip(schedulers, saved_schedulers):
@@ -266,11 +311,51 @@ def _sharded_entries(obj: Any) -> list[_Sharded]:
 
 def _save_sharded(path: Path, obj: dict[str, Any], sharded: list[_Sharded]) -> None:
     """Write a sharded checkpoint directory atomically (see the module docs); every rank calls it."""
+    from .dcp import optimizer_state_dict
+
+    plain = dict(obj)
+    plain["optimizer"] = [None] * len(sharded) if isinstance(obj["optimizer"], list) else None
+
+    def shares() -> dict[str, Any]:
+        optimizers = [s.optimizer for s in sharded]
+        return {"optimizer": optimizer_state_dict(sharded[0].model, optimizers if len(optimizers) > 1 else optimizers[0])}
+
+    _save_directory(path, plain, _OPTIMIZER_DIR, shares)
+
+
+class _FSDPShards:
+    """Stands for an FSDP2 model's and its optimizers' sharded state in a
+    :func:`checkpoint_state`, until saved; also loads it."""
+
+    def __init__(self, model: nn.Module, optimizers: Sequence[Optimizer]):
+        self.model = model
+        # An OverlappedOptimizer's state is its wrapped optimizer's, which torch's helpers read.
+        self.optimizers = [o.optimizer if isinstance(getattr(o, "optimizer", None), Optimizer) else o
+                           for o in optimizers]
+
+    def state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizers)
+        return {"model": model_state, "optimizer": optimizer_state}
+
+    def load(self, directory: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        state = self.state_dict()  # what this rank holds: DCP fills it in place, resharding
+        dcp.load(state, checkpoint_id=str(directory))
+        set_state_dict(self.model, self.optimizers, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+
+
+def _save_directory(path: Path, plain: dict[str, Any], subdir: str, shares: Any) -> None:
+    """Write a checkpoint directory atomically: rank 0 writes ``plain`` to ``state.pt``, every
+    rank its share of ``shares()`` with :mod:`torch.distributed.checkpoint` to ``subdir``, all
+    into a temporary directory that rank 0 renames into place (see the module docs)."""
     import shutil
 
     import torch.distributed.checkpoint as dcp
-
-    from .dcp import optimizer_state_dict
 
     final = path.with_suffix(".dcp")
     tmp = final.parent / f".{final.name}.tmp"
@@ -280,8 +365,6 @@ def _save_sharded(path: Path, obj: dict[str, Any], sharded: list[_Sharded]) -> N
         try:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a writer that was killed
             tmp.mkdir(parents=True)
-            plain = dict(obj)
-            plain["optimizer"] = [None] * len(sharded) if isinstance(obj["optimizer"], list) else None
             _write_atomically(tmp / _STATE_FILE, plain)
         except BaseException as exc:  # noqa: BLE001 - raised after the barrier below
             failure = exc
@@ -291,9 +374,7 @@ def _save_sharded(path: Path, obj: dict[str, Any], sharded: list[_Sharded]) -> N
     if not wrote[0]:
         raise failure if failure is not None else RuntimeError(f"rank 0 could not start writing {final}")
     if failure is None:
-        optimizers = [s.optimizer for s in sharded]
-        state = optimizer_state_dict(sharded[0].model, optimizers if len(optimizers) > 1 else optimizers[0])
-        dcp.save({"optimizer": state}, checkpoint_id=str(tmp / _OPTIMIZER_DIR))  # every rank, its share
+        dcp.save(shares(), checkpoint_id=str(tmp / subdir))  # every rank, its share
         if _rank() == 0:
             try:
                 if final.exists():
@@ -392,6 +473,20 @@ def _check_model(where: str, ckpt: dict[str, Any], model: nn.Module) -> None:
                 f"{where} holds {key!r} of shape {tuple(old.shape)}, but the model's "
                 f"is {tuple(value.shape)}"
             )
+
+
+def _check_shapes(where: str, saved: dict[str, list[int]], model: nn.Module) -> None:
+    """An FSDP2 checkpoint's model state keys and (global) shapes against ``model``'s."""
+    current = {k: list(v.shape) for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    missing, unexpected = sorted(current.keys() - saved.keys()), sorted(saved.keys() - current.keys())
+    if missing or unexpected:
+        raise ValueError(
+            f"{where} does not match the model's state keys: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    for key, shape in current.items():
+        if saved[key] != shape:
+            raise ValueError(f"{where} holds {key!r} of shape {tuple(saved[key])}, but the model's is {tuple(shape)}")
 
 
 def _describe(layout: Any) -> str:

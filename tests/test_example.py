@@ -75,7 +75,8 @@ def torchrun(*args: str, cwd: Path, nproc: int = 2, restarts: int = 0, timeout: 
     return out
 
 
-def torchrun_nodes(*args: str, cwd: Path, nnodes: int = 2, timeout: float = 100) -> list[tuple[int, str]]:
+def torchrun_nodes(*args: str, cwd: Path, nnodes: int = 2, timeout: float = 100,
+                   script: Path = EXAMPLE) -> list[tuple[int, str]]:
     """Run the example as ``nnodes`` nodes of one rank each, one torchrun per node, on this machine;
     return each launcher's (exit status, output).
 
@@ -88,7 +89,7 @@ def torchrun_nodes(*args: str, cwd: Path, nnodes: int = 2, timeout: float = 100)
         procs = [
             _launch(_torchrun("--nnodes", str(nnodes), "--node-rank", str(i), "--rdzv-backend", "c10d",
                               "--rdzv-endpoint", f"127.0.0.1:{store.port}", "--rdzv-conf", "is_host=false",
-                              "--rdzv-id", "test", str(EXAMPLE), *args, nproc=1), cwd)
+                              "--rdzv-id", "test", str(script), *args, nproc=1), cwd)
             for i in range(nnodes)
         ]
         return _finish(procs, timeout)

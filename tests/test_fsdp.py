@@ -415,6 +415,82 @@ def test_dcp_saved_on_two_ranks_resumes_on(tmp_path: Any, world: int, inner: boo
         assert not _same(after["model"], saved["model"]), "the step after resuming did nothing"
 
 
+def ckpt_save_body(rank: int, world: int, run_dir: str) -> dict[str, Any]:
+    from overlap_sgd.checkpoint import checkpoint_path, checkpoint_state, save_checkpoint
+
+    model = _build(Scenario("ckpt"))
+    opt = overlap_sgd.overlap(model, OPTIMIZERS["adamw"](model.parameters()))
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    for step in range(DCP_STEPS):
+        x, y = _data(step, rank)
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    save_checkpoint(checkpoint_path(run_dir, DCP_STEPS), checkpoint_state(model, opt, sched, step=DCP_STEPS))
+    return _full(model, opt.optimizer)
+
+
+def ckpt_load_body(rank: int, world: int, run_dir: str) -> dict[str, Any]:
+    from overlap_sgd.checkpoint import latest_checkpoint, load_checkpoint
+
+    out: dict[str, Any] = {}
+    for overlapped in (True, False):
+        model = _build(Scenario("ckpt"), seed=1)  # other weights: the checkpoint must replace them
+        opt = OPTIMIZERS["adamw"](model.parameters())
+        if overlapped:
+            opt = overlap_sgd.overlap(model, opt)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+        path = latest_checkpoint(run_dir)
+        step = load_checkpoint(path, model, opt, sched)["step"]
+        target = opt.optimizer if overlapped else opt
+        loaded = _full(model, target)
+        x, y = _data(100, rank)
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        out["overlap" if overlapped else "reference"] = dict(
+            loaded=loaded, after=_full(model, target), step=step, lr=sched.get_last_lr(), path=path.name)
+    return out
+
+
+@pytest.mark.parametrize("world", [3, 1], ids=["3-ranks", "1-rank"])
+def test_checkpoint_module_saved_on_two_ranks_resumes_on(tmp_path: Any, world: int) -> None:
+    run_dir = str(tmp_path / "run")
+    saved = run_distributed(ckpt_save_body, 2, run_dir, timeout=TIMEOUT)[0]
+    for r in run_distributed(ckpt_load_body, world, run_dir, timeout=TIMEOUT):
+        for side in ("overlap", "reference"):
+            got = r[side]
+            assert got["path"] == f"ckpt-{DCP_STEPS:08d}.dcp" and got["step"] == DCP_STEPS, got["path"]
+            assert _same(got["loaded"], saved), f"{side}: the loaded state differs from the saved one"
+            assert got["lr"] == [0.01 * 0.5 ** (DCP_STEPS // 2)], got["lr"]  # the scheduler resumed too
+        after, ref = r["overlap"]["after"], r["reference"]["after"]
+        assert _same(after, ref), "the step after resuming differs from the post-backward step"
+        assert not _same(after["model"], saved["model"]), "the step after resuming did nothing"
+
+
+def ckpt_mismatch_body(rank: int, world: int, run_dir: str) -> str:
+    from overlap_sgd.checkpoint import latest_checkpoint, load_checkpoint
+
+    torch.manual_seed(0)
+    plain = Model()  # not sharded: the checkpoint holds FSDP shards
+    opt = OPTIMIZERS["adamw"](plain.parameters())
+    before = [p.detach().clone() for p in plain.parameters()]
+    try:
+        load_checkpoint(latest_checkpoint(run_dir), plain, opt)
+    except ValueError as exc:
+        assert all(torch.equal(a, b) for a, b in zip(before, plain.parameters())), "touched before refusing"
+        return str(exc)
+    return ""
+
+
+def test_checkpoint_module_refuses_an_unsharded_model_for_fsdp_shards(tmp_path: Any) -> None:
+    run_dir = str(tmp_path / "run")
+    run_distributed(ckpt_save_body, 2, run_dir, timeout=TIMEOUT)
+    (message,) = run_distributed(ckpt_mismatch_body, 1, run_dir, timeout=TIMEOUT)
+    assert "written from an FSDP2 model" in message, message
+
+
 # -- what is refused ---------------------------------------------------------------------------
 
 

@@ -249,6 +249,64 @@ def test_killed_rank_resumes_bit_identical_with_two_optimizers(tmp_path):
     assert_identical(f1, f2)
 
 
+@pytest.mark.timeout(150)
+def test_fsdp_both_modes_train_identically_with_clipping(tmp_path):
+    # FSDP2 (fully_shard per block): the overlapped run clips the global norm exactly (its
+    # updates wait for step() on the steps of a clipped run) and accumulates; the same loss at
+    # every step as the post-backward loop.
+    steps = 8
+    out = torchrun(*TINY, "--fsdp", "--mode", "both", "--steps", str(steps), "--clip", "0.5",
+                   "--accumulate", "2", "--out-dir", "out", cwd=tmp_path, timeout=130, script=GPT)
+    m = re.search(r"clipping: +max_norm 0.5 \| clipped steps overlap (\d+) \| post (\d+) of 8", out)
+    assert m and m.group(1) == m.group(2) and int(m.group(1)) > 0, out[-3000:]
+    s = _both_summary(out)
+    assert s["max_diff"] == [0.0, steps], s
+    assert s["val"][0] == s["val"][1] and math.isfinite(s["val"][0])
+
+
+@pytest.mark.timeout(240)
+def test_fsdp_killed_rank_resumes_bit_identical(tmp_path):
+    # FSDP2: every rank writes its shards of the model and of AdamW's state; the restarted job
+    # loads them and ends where the uninterrupted one does, bit for bit.
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    args = [*TINY, "--fsdp", "--steps", "12", "--checkpoint-every", "4"]
+    crashed = torchrun(
+        *args, "--crash-at-step", "10", "--checkpoint-dir", "D1", "--save-final", "F1",
+        restarts=1, cwd=tmp_path, timeout=150, script=GPT,
+    )
+    assert "rank 1: crashing (SIGKILL) before step 10" in crashed
+    assert "resumed from step 8 (restart attempt 1)" in crashed, crashed[-4000:]
+    torchrun(*args, "--checkpoint-dir", "D2", "--save-final", "F2", cwd=tmp_path, timeout=80, script=GPT)
+    finals = []
+    for name in ("F1", "F2"):
+        flat = tmp_path / f"{name}.pt"
+        dcp_to_torch_save(tmp_path / f"{name}.dcp" / "model_and_optimizer", flat)
+        finals.append(torch.load(flat, weights_only=True))
+        assert torch.load(tmp_path / f"{name}.dcp" / "state.pt", weights_only=True)["step"] == 12
+    f1, f2 = finals
+    assert f1["model"] and f1["optimizer"]["state"], "nothing saved"
+    assert_identical(f1, f2)
+
+
+@pytest.mark.timeout(200)
+def test_fsdp_on_two_nodes_of_one_rank_trains_as_one_node_of_two(tmp_path):
+    from tests.test_example import torchrun_nodes
+
+    args = [*TINY, "--fsdp", "--steps", "4"]
+    torchrun(*args, "--save-final", "one", cwd=tmp_path, timeout=80, script=GPT)
+    launches = torchrun_nodes(*args, "--save-final", "two", cwd=tmp_path, script=GPT)
+    for status, out in launches:
+        assert status == 0, out[-6000:]
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    finals = []
+    for name in ("one", "two"):
+        dcp_to_torch_save(tmp_path / f"{name}.dcp" / "model_and_optimizer", tmp_path / f"{name}.pt")
+        finals.append(torch.load(tmp_path / f"{name}.pt", weights_only=True))
+    assert_identical(*finals)
+
+
 def test_both_mode_refuses_checkpoint_flags(tmp_path):
     import subprocess
 
