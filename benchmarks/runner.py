@@ -36,7 +36,7 @@ from .memory import MemoryProbe
 from .modes import CLIPPED, MODES, Mode, ModeContext, build_mode, pick_fast_kernel
 from .stats import compare, step_max, summarize
 from .stream_overlap import analyze, load_trace
-from .targets import clipping, sharding
+from .targets import clipping, fsdp, sharding
 from .trace import write_trace
 from .workloads import Workload, build_model, describe_optimizer, make_batch
 
@@ -356,6 +356,7 @@ def _assemble(cfg: RunConfig, opts: BenchOptions, n_params: int, fast: dict[str,
         "modes": mode_out,
         "comparison": compare(medians),
         "sharding": sharding(cfg.optimizer, cfg.bucket_cap_mb, cfg.link_gbps, len(gathered), medians, state),
+        "fsdp": fsdp(cfg.optimizer, cfg.link_gbps, len(gathered), medians, state),
         "clipping": clipping(cfg.optimizer, cfg.link_gbps, len(gathered), opts.clip, opts.clip_policy, medians),
         "bandwidth": bandwidth,
         "memory": {
