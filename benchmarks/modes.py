@@ -32,7 +32,8 @@ parameter (a DTensor) and of the optimizer state:
 - ``fsdp-floor``: FSDP2, backward only, no optimizer: the physical limit of any overlap.
 - ``fsdp-post-fused``: FSDP2, ``optimizer.step()`` after backward over the sharded parameters
   with ``post-fused``'s kernel (``fused=True`` or ``foreach=True``, pinned: torch's default for
-  DTensors on CPU is the single-tensor loop).
+  DTensors on CPU is the single-tensor loop), ``foreach=True`` where DTensor has no sharding
+  rule for the fused kernel (:func:`dtensor_kernel`).
 - ``fsdp-per-param-in-backward``: the optimizer-in-backward of other libraries (torchtune's
   ``OptimizerInBackwardWrapper``, torchtitan's ``OptimizersInBackwardContainer``): one optimizer
   per sharded parameter, same kernel, stepped and its gradient dropped from that parameter's
@@ -40,7 +41,7 @@ parameter (a DTensor) and of the optimizer state:
   ``.grad`` from the reduce-scatter; the loop's ``step()`` and ``zero_grad()`` do nothing.
 - ``fsdp-overlap``: :func:`overlap_sgd.overlap` on the FSDP root: each FSDP group updated, one
   kernel call per optimizer param group, as soon as its reduce-scatter lands (on CPU on a
-  worker thread while backward goes on), with ``overlap``'s kernel.
+  worker thread while backward goes on), with ``overlap``'s kernel (the same fallback).
 
 With a simulated link every mode that communicates through a DDP comm hook sends its buckets
 through the same :func:`~benchmarks.link.link_hook` wrapper. ``overlap-shard`` communicates
@@ -87,7 +88,7 @@ from .link import LinkedCollectives, LinkedFSDPCollectives, LinkHookState, Simul
 from .workloads import loss_fn, make_optimizer, optimizer_spec
 
 __all__ = ["ALL_MODES", "CLIPPED", "CLIP_SETTINGS", "FSDP_MODES", "MODES", "SHARDED", "Mode", "ModeContext", "StepRecord", "build_mode",
-           "clip_schedule", "pick_fast_kernel", "state_bytes"]
+           "clip_schedule", "dtensor_kernel", "pick_fast_kernel", "state_bytes"]
 
 MODES: tuple[str, ...] = (
     "floor", "post", "post-fused", "upstream", "overlap", "post-fused+clip", "overlap+clip", "zero-post",
@@ -482,35 +483,55 @@ class _InBackward:
             handle.remove()
 
 
+#: The optimizers whose fused kernels DTensor has a sharding rule for (``aten._fused_adam_`` and
+#: ``aten._fused_adamw_``, torch 2.9 to 2.13); ``fused=True`` SGD fails on DTensor parameters.
+_DTENSOR_FUSED = ("adam", "adamw")
+
+
+def dtensor_kernel(optimizer: str, kernel: dict[str, Any]) -> dict[str, Any]:
+    """``kernel`` for an optimizer over DTensor parameters: ``fused=True`` where DTensor has a
+    sharding rule for the optimizer's fused kernel, else ``foreach=True``.
+
+    Example:
+        >>> dtensor_kernel("adamw", {"fused": True}), dtensor_kernel("sgd", {"fused": True})
+        ({'fused': True}, {'foreach': True})
+    """
+    if kernel.get("fused") and optimizer not in _DTENSOR_FUSED:
+        return {"foreach": True}
+    return dict(kernel)
+
+
 def _build_fsdp(mode: Mode, ctx: ModeContext) -> Mode:
     model = _fsdp(ctx)
+    fast = dtensor_kernel(ctx.optimizer, ctx.fast_kernel)
     mode.model = model
     mode.comm = LinkedFSDPCollectives(ctx.link) if ctx.link is not None else None
     params = [p for p in model.parameters() if p.requires_grad]
     if mode.name == "fsdp-floor":
         mode.kernel = "FSDP2, no optimizer"
     elif mode.name == "fsdp-post-fused":
-        opt = make_optimizer(ctx.optimizer, params, **ctx.fast_kernel)
+        opt = make_optimizer(ctx.optimizer, params, **fast)
         mode.optimizer = opt
         mode.post_backward = True
         mode.states = lambda: [opt.state]
-        mode.kernel = f"FSDP2 + {_kernel_name(ctx.fast_kernel)} step after backward"
+        mode.kernel = f"FSDP2 + {_kernel_name(fast)} step after backward"
     elif mode.name == "fsdp-per-param-in-backward":
-        per_param = {p: make_optimizer(ctx.optimizer, [p], **ctx.fast_kernel) for p in params}
+        per_param = {p: make_optimizer(ctx.optimizer, [p], **fast) for p in params}
         wrapper = _InBackward(per_param)
         mode.optimizer = wrapper
         mode.states = lambda: [o.state for o in per_param.values()]
-        mode.kernel = (f"FSDP2 + per-param {_kernel_name(ctx.fast_kernel)} step in "
+        mode.kernel = (f"FSDP2 + per-param {_kernel_name(fast)} step in "
                        f"post-accumulate-grad hooks ({len(params)} optimizers)")
     else:  # fsdp-overlap
         from overlap_sgd.fsdp.state import fsdp_executor
 
-        opt = make_optimizer(ctx.optimizer, params, **ctx.overlap_kernel)
+        kernel = dtensor_kernel(ctx.optimizer, ctx.overlap_kernel)
+        opt = make_optimizer(ctx.optimizer, params, **kernel)
         executor = InstrumentedExecutor(fsdp_executor("auto", ctx.device), label=ctx.label)
         mode.optimizer = overlap_sgd.overlap(model, opt, executor=executor)
         mode.executor = executor
         mode.states = lambda: [opt.state]
-        mode.kernel = "FSDP2 + group " + ("fused" if ctx.overlap_kernel.get("fused") else "foreach")
+        mode.kernel = "FSDP2 + group " + ("fused" if kernel.get("fused") else "foreach")
     return mode
 
 

@@ -7,11 +7,12 @@ the machine hits every mode alike. Per step the slowest rank's time counts. Afte
 rank reads its optimizer state's size in every mode. Rank 0 returns the collected results; the
 other ranks return ``None``.
 
-A mode whose step raises (``upstream`` on a torch that no longer supports it, say) is reported
-as skipped with the error instead of ending the run. With a trace requested, a few steps of a
-fresh overlap mode are profiled after the measurement, and on CUDA the trace's kernels give the
-share of the update stream's busy time that ran beside default-stream kernels and the tail left
-after backward's last kernel (:mod:`benchmarks.stream_overlap`).
+A mode whose building or step raises (``upstream`` on a torch that no longer supports it, a mode
+that does not fit in memory beside the others, say) is reported as skipped with the error
+instead of ending the run. With a trace requested, a few steps of a fresh overlap mode are
+profiled after the measurement, and on CUDA the trace's kernels give the share of the update
+stream's busy time that ran beside default-stream kernels and the tail left after backward's
+last kernel (:mod:`benchmarks.stream_overlap`).
 """
 
 from __future__ import annotations
@@ -239,7 +240,12 @@ def run_config(cfg: RunConfig, opts: BenchOptions, rank: int, world: int, device
     setup_mem: dict[str, dict[str, int | None]] = {}
     for name in opts.modes:
         before = probe.now()
-        mode = build_mode(name, ctx)
+        try:
+            mode = build_mode(name, ctx)
+        except Exception as exc:  # noqa: BLE001 - reported as the mode's skip reason (out of memory, say)
+            traceback.print_exc(file=sys.stderr)
+            mode = Mode(name, skipped=f"failed to build: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            gc.collect()
         modes[name] = mode
         if mode.active and _guarded(mode, max(opts.warmup, mode.min_warmup), x, y, log):
             mode.records.clear()
