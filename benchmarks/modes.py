@@ -47,15 +47,15 @@ With a simulated link every mode that communicates through a DDP comm hook sends
 through the same :func:`~benchmarks.link.link_hook` wrapper. ``overlap-shard`` communicates
 without one: :class:`~benchmarks.link.LinkedCollectives` holds its reduce-scatters and
 all-gathers on the same link instead, each charged half its buffer's bytes, and ``zero-post``
-carries its parameter broadcast (an all-gather's worth of bytes) on the link after its step
-(see :mod:`benchmarks.link`). The FSDP2 modes' all-gathers and reduce-scatters are held on
-the link by :class:`~benchmarks.link.LinkedFSDPCollectives`, each charged half its buffer's
-bytes. ``zero-upstream``'s all-reduces go through the link hook, its
-parameter broadcasts, issued from inside its hook, do not: under a link it is favoured.
+carries its parameter broadcast (an all-gather's worth of bytes) on the link after its step (see
+:mod:`benchmarks.link`). The FSDP2 modes' all-gathers and reduce-scatters are held on the link
+by :class:`~benchmarks.link.LinkedFSDPCollectives`, each charged half its buffer's bytes.
+``zero-upstream``'s all-reduces go through the link hook, its parameter broadcasts, issued from
+inside its hook, do not: under a link it is favoured.
 
-Every mode reports its optimizer state on each rank (:meth:`Mode.state_bytes`): the bytes of
-the state tensors the rank's optimizer holds (of a DTensor, the rank's local shard), tensors with dimensions and 0-dim scalars
-(AdamW's ``step``) counted separately.
+Every mode reports its optimizer state on each rank (:meth:`Mode.state_bytes`): the bytes of the
+state tensors the rank's optimizer holds (of a DTensor, the rank's local shard), tensors with
+dimensions and 0-dim scalars (AdamW's ``step``) counted separately.
 
 Timing: on CPU each step is timed on the host (``time.perf_counter``). On CUDA the host only
 enqueues work, so each step records CUDA events on the current stream instead (start, end of
@@ -87,8 +87,8 @@ from .instrument import InstrumentedExecutor, LabelHookState, labelled_hook
 from .link import LinkedCollectives, LinkedFSDPCollectives, LinkHookState, SimulatedLink, link_hook
 from .workloads import loss_fn, make_optimizer, optimizer_spec
 
-__all__ = ["ALL_MODES", "CLIPPED", "CLIP_SETTINGS", "FSDP_MODES", "MODES", "SHARDED", "Mode", "ModeContext", "StepRecord", "build_mode",
-           "clip_schedule", "dtensor_kernel", "pick_fast_kernel", "state_bytes"]
+__all__ = ["ALL_MODES", "CLIPPED", "CLIP_SETTINGS", "FSDP_MODES", "MODES", "SHARDED", "Mode", "ModeContext",
+           "StepRecord", "build_mode", "clip_schedule", "dtensor_kernel", "pick_fast_kernel", "state_bytes"]
 
 MODES: tuple[str, ...] = (
     "floor", "post", "post-fused", "upstream", "overlap", "post-fused+clip", "overlap+clip", "zero-post",

@@ -254,7 +254,8 @@ def fsdp_lines(run: dict[str, Any]) -> list[str]:
         for name in ("fsdp-overlap", "fsdp-post-fused", "fsdp-per-param-in-backward"):
             step = _median_of(modes.get(name), "step")
             if step is not None:
-                limit.append(f"{name} - floor {_ms(step - floor)} ms, p10 {_ms(modes[name]['step']['p10'] - floor_p10)}")
+                p10 = modes[name]["step"]["p10"] - floor_p10
+                limit.append(f"{name} - floor {_ms(step - floor)} ms, p10 {_ms(p10)}")
         tail = _median_of(modes.get("fsdp-overlap"), "tail")
         if tail is not None:
             limit.append(f"fsdp-overlap's tail after its last reduce-scatter {_ms(tail)} ms")

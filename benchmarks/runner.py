@@ -244,7 +244,8 @@ def run_config(cfg: RunConfig, opts: BenchOptions, rank: int, world: int, device
             mode = build_mode(name, ctx)
         except Exception as exc:  # noqa: BLE001 - reported as the mode's skip reason (out of memory, say)
             traceback.print_exc(file=sys.stderr)
-            mode = Mode(name, skipped=f"failed to build: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            mode = Mode(name, skipped=f"failed to build: {type(exc).__name__}: {first}")
             gc.collect()
         modes[name] = mode
         if mode.active and _guarded(mode, max(opts.warmup, mode.min_warmup), x, y, log):
