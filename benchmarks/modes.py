@@ -527,9 +527,15 @@ def _build_fsdp(mode: Mode, ctx: ModeContext) -> Mode:
 
         kernel = dtensor_kernel(ctx.optimizer, ctx.overlap_kernel)
         opt = make_optimizer(ctx.optimizer, params, **kernel)
-        executor = InstrumentedExecutor(fsdp_executor("auto", ctx.device), label=ctx.label)
-        mode.optimizer = overlap_sgd.overlap(model, opt, executor=executor)
-        mode.executor = executor
+        if ctx.device.type == "cpu":
+            # Per-group timings from the worker thread. On CUDA the overlap keeps its own stream
+            # executor: FSDP's path orders the streams through the executor's ``stream``, which a
+            # wrapper would hide, and host stamps would time only the enqueueing there.
+            executor = InstrumentedExecutor(fsdp_executor("auto", ctx.device), label=ctx.label)
+            mode.optimizer = overlap_sgd.overlap(model, opt, executor=executor)
+            mode.executor = executor
+        else:
+            mode.optimizer = overlap_sgd.overlap(model, opt)
         mode.states = lambda: [opt.state]
         mode.kernel = "FSDP2 + group " + ("fused" if kernel.get("fused") else "foreach")
     return mode
