@@ -30,6 +30,8 @@ from .stream_overlap import kernels, load_trace
 __all__ = ["TARGETS", "collect", "format_summary", "main", "plot_summary", "read_parts", "read_junit"]
 
 MODE_ORDER = ("floor", "post", "post-fused", "upstream", "overlap")
+#: The FSDP2 modes a part may also run, reported on a line of their own per run.
+FSDP_ORDER = ("fsdp-floor", "fsdp-post-fused", "fsdp-per-param-in-backward", "fsdp-overlap")
 
 #: (workload kind, optimizer, comparison key, "<=" or ">=", bound): what the check aims at.
 TARGETS: tuple[tuple[str, str, str, str, float], ...] = (
@@ -249,6 +251,13 @@ def format_summary(summary: dict[str, Any]) -> str:
                 cells.append(f"{m} {_mb(mem['setup'])}+{_mb(mem['step'])}")
         kind = "CUDA" if any(v.get("cuda") for v in r["memory_bytes"].values()) else "RSS"
         lines.append(f"  {_short(r)} {r['optimizer']} ({kind}): " + ", ".join(cells))
+    for r in rows:
+        fsdp = {m: r["median_s"][m] for m in FSDP_ORDER if m in r["median_s"]}
+        if fsdp:
+            pf, ov = fsdp.get("fsdp-post-fused"), fsdp.get("fsdp-overlap")
+            ratio = _num(ov / pf) if pf and ov is not None else "-"
+            cells = ", ".join(f"{m} {_ms(v) if v is not None else 'skip'}" for m, v in fsdp.items())
+            lines.append(f"FSDP2 {_short(r)} {r['optimizer']}: {cells} ms; fsdp-overlap/fsdp-post-fused {ratio}")
     for r in rows:
         for mode, reason in r["skipped"].items():
             lines.append(f"skipped: {_short(r)} {r['optimizer']} {mode}: {reason}")

@@ -25,6 +25,14 @@ each sending half of it, so a reduce-scatter or an all-gather over a ``B``-byte 
   bucket's last few elements) on the link after the real collective completes, as
   :func:`link_hook` holds an all-reduce. It swaps the collective launchers the hook module
   calls for wrapped ones while the context is open; the package itself is unchanged.
+- :class:`LinkedFSDPCollectives`, around an FSDP2 mode's forward and backward, holds FSDP's
+  all-gathers and reduce-scatters on the link the same way, each charged half its full buffer's
+  bytes. FSDP2 calls them through the ``torch.distributed`` namespace at call time
+  (``dist.all_gather_single``/``dist.reduce_scatter_single`` in torch 2.13,
+  ``dist.all_gather_into_tensor``/``dist.reduce_scatter_tensor`` in 2.9), so the context swaps
+  those attributes of ``torch.distributed`` for wrapped ones while it is open; torch itself calls
+  the originals (the deprecated names forward to the new ones inside ``distributed_c10d``, not
+  through the namespace), so nothing is charged twice.
 - ``ZeroRedundancyOptimizer.step()`` broadcasts every rank's updated parameters to the others
   after its local step: an all-gather of the parameters, charged half their bytes with
   :meth:`SimulatedLink.carry` once the step has run. Its gradients are all-reduced by DDP
@@ -33,6 +41,7 @@ each sending half of it, so a reduce-scatter or an all-gather over a ``B``-byte 
 
 # No "from __future__ import annotations": DDP checks a comm hook's annotations at runtime.
 
+import inspect
 import queue
 import threading
 import time
@@ -43,7 +52,8 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.futures import Future
 
-__all__ = ["SimulatedLink", "LinkHookState", "LinkedCollectives", "link_hook", "tensor_bytes"]
+__all__ = ["SimulatedLink", "LinkHookState", "LinkedCollectives", "LinkedFSDPCollectives", "link_hook",
+           "tensor_bytes"]
 
 CommHook = Callable[[Any, dist.GradBucket], Future]
 
@@ -209,3 +219,61 @@ class LinkedCollectives:
 
         for name, fn in self._originals.items():
             setattr(shard_hook, name, fn)
+
+
+class LinkedFSDPCollectives:
+    """A context in which FSDP2's all-gathers and reduce-scatters are held on ``link``.
+
+    Each is charged half its full buffer's bytes (an all-gather its output, a reduce-scatter its
+    input), counted from the moment the real collective completes, as :class:`LinkedCollectives`
+    charges the sharded hook's (see the module docs). On CPU FSDP2 issues them synchronously on
+    the calling thread (forward's and backward's all-gathers, backward's reduce-scatters), so the
+    caller is held until the link has carried them, as a blocking gloo collective over a slower
+    network would hold it; an asynchronous one (``async_op=True``) is waited for and held at once.
+    On CUDA the host is held, not the streams: the simulation is meant for CPU ranks.
+
+    Example (inside an initialised process group, around a ``fully_shard`` model)::
+
+        with LinkedFSDPCollectives(link):
+            loss_fn(model(x), y).backward()
+    """
+
+    #: The ``torch.distributed`` functions FSDP2 calls, with the argument whose bytes are
+    #: charged: the first two are torch 2.13's names, the last two 2.9's (still present there).
+    NAMES: dict[str, str] = {
+        "all_gather_single": "output_tensor",
+        "reduce_scatter_single": "input",
+        "all_gather_into_tensor": "output_tensor",
+        "reduce_scatter_tensor": "input",
+    }
+
+    def __init__(self, link: SimulatedLink):
+        self.link = link
+        self._originals: dict[str, Callable[..., Any]] = {}
+
+    def _wrapped(self, original: Callable[..., Any], charged: str) -> Callable[..., Any]:
+        signature = inspect.signature(original)
+        carry = self.link.carry
+
+        def held(*args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(*args, **kwargs)
+            work = original(*args, **kwargs)
+            if work is not None and hasattr(work, "wait"):
+                work.wait()
+            carry(tensor_bytes(bound.arguments[charged]) // 2)
+            return work
+
+        return held
+
+    def __enter__(self) -> "LinkedFSDPCollectives":
+        for name, charged in self.NAMES.items():
+            original = getattr(dist, name, None)
+            if original is not None:
+                self._originals[name] = original
+                setattr(dist, name, self._wrapped(original, charged))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for name, original in self._originals.items():
+            setattr(dist, name, original)
+        self._originals = {}

@@ -24,17 +24,38 @@
   it warms up for at least :data:`ZERO_UPSTREAM_WARMUP` steps.
 - ``overlap-shard``: :func:`overlap_sgd.overlap` with ``shard=True`` (ZeRO-1 inside backward).
 
+The FSDP2 modes (:data:`FSDP_MODES`, run only when named in ``--modes``) each build their model
+with ``fully_shard`` on every block (the MLP's layers, the transformer's layers, the GPT's
+blocks) and on the root, from the same initial weights; each rank holds its shard of every
+parameter (a DTensor) and of the optimizer state:
+
+- ``fsdp-floor``: FSDP2, backward only, no optimizer: the physical limit of any overlap.
+- ``fsdp-post-fused``: FSDP2, ``optimizer.step()`` after backward over the sharded parameters
+  with ``post-fused``'s kernel (``fused=True`` or ``foreach=True``, pinned: torch's default for
+  DTensors on CPU is the single-tensor loop), ``foreach=True`` where DTensor has no sharding
+  rule for the fused kernel (:func:`dtensor_kernel`).
+- ``fsdp-per-param-in-backward``: the optimizer-in-backward of other libraries (torchtune's
+  ``OptimizerInBackwardWrapper``, torchtitan's ``OptimizersInBackwardContainer``): one optimizer
+  per sharded parameter, same kernel, stepped and its gradient dropped from that parameter's
+  ``register_post_accumulate_grad_hook``, which FSDP2 calls right after setting the sharded
+  ``.grad`` from the reduce-scatter; the loop's ``step()`` and ``zero_grad()`` do nothing.
+- ``fsdp-overlap``: :func:`overlap_sgd.overlap` on the FSDP root: each FSDP group updated, one
+  kernel call per optimizer param group, as soon as its reduce-scatter lands (on CPU on a
+  worker thread while backward goes on), with ``overlap``'s kernel (the same fallback).
+
 With a simulated link every mode that communicates through a DDP comm hook sends its buckets
 through the same :func:`~benchmarks.link.link_hook` wrapper. ``overlap-shard`` communicates
 without one: :class:`~benchmarks.link.LinkedCollectives` holds its reduce-scatters and
 all-gathers on the same link instead, each charged half its buffer's bytes, and ``zero-post``
-carries its parameter broadcast (an all-gather's worth of bytes) on the link after its step
-(see :mod:`benchmarks.link`). ``zero-upstream``'s all-reduces go through the link hook, its
-parameter broadcasts, issued from inside its hook, do not: under a link it is favoured.
+carries its parameter broadcast (an all-gather's worth of bytes) on the link after its step (see
+:mod:`benchmarks.link`). The FSDP2 modes' all-gathers and reduce-scatters are held on the link
+by :class:`~benchmarks.link.LinkedFSDPCollectives`, each charged half its buffer's bytes.
+``zero-upstream``'s all-reduces go through the link hook, its parameter broadcasts, issued from
+inside its hook, do not: under a link it is favoured.
 
-Every mode reports its optimizer state on each rank (:meth:`Mode.state_bytes`): the bytes of
-the state tensors the rank's optimizer holds, tensors with dimensions and 0-dim scalars
-(AdamW's ``step``) counted separately.
+Every mode reports its optimizer state on each rank (:meth:`Mode.state_bytes`): the bytes of the
+state tensors the rank's optimizer holds (of a DTensor, the rank's local shard), tensors with
+dimensions and 0-dim scalars (AdamW's ``step``) counted separately.
 
 Timing: on CPU each step is timed on the host (``time.perf_counter``). On CUDA the host only
 enqueues work, so each step records CUDA events on the current stream instead (start, end of
@@ -63,16 +84,22 @@ import overlap_sgd
 from overlap_sgd.hooks import make_executor
 
 from .instrument import InstrumentedExecutor, LabelHookState, labelled_hook
-from .link import LinkedCollectives, LinkHookState, SimulatedLink, link_hook
+from .link import LinkedCollectives, LinkedFSDPCollectives, LinkHookState, SimulatedLink, link_hook
 from .workloads import loss_fn, make_optimizer, optimizer_spec
 
-__all__ = ["CLIPPED", "CLIP_SETTINGS", "MODES", "SHARDED", "Mode", "ModeContext", "StepRecord", "build_mode",
-           "clip_schedule", "pick_fast_kernel", "state_bytes"]
+__all__ = ["ALL_MODES", "CLIPPED", "CLIP_SETTINGS", "FSDP_MODES", "MODES", "SHARDED", "Mode", "ModeContext",
+           "StepRecord", "build_mode", "clip_schedule", "dtensor_kernel", "pick_fast_kernel", "state_bytes"]
 
 MODES: tuple[str, ...] = (
     "floor", "post", "post-fused", "upstream", "overlap", "post-fused+clip", "overlap+clip", "zero-post",
     "zero-upstream", "overlap-shard",
 )
+
+#: The FSDP2 modes (see the module docs); not in the default set, named with ``--modes``.
+FSDP_MODES: tuple[str, ...] = ("fsdp-floor", "fsdp-post-fused", "fsdp-per-param-in-backward", "fsdp-overlap")
+
+#: Every mode :func:`build_mode` knows.
+ALL_MODES: tuple[str, ...] = MODES + FSDP_MODES
 
 #: The modes that clip the global gradient norm.
 CLIPPED: tuple[str, ...] = ("post-fused+clip", "overlap+clip")
@@ -157,7 +184,8 @@ class Mode:
     """One mode's model and optimizer, or why the mode is skipped."""
 
     name: str
-    model: DistributedDataParallel | None = None
+    #: The DDP model, or for the FSDP2 modes the ``fully_shard`` root.
+    model: nn.Module | None = None
     optimizer: Any = None
     skipped: str | None = None
     #: A short description of the update kernel.
@@ -273,6 +301,8 @@ class Mode:
     def close(self) -> None:
         if self.optimizer is not None and hasattr(self.optimizer, "hook_state"):
             self.optimizer.hook_state.close()
+        elif isinstance(self.optimizer, _InBackward):
+            self.optimizer.close()
         self._pending.clear()
         self.model = None
         self.optimizer = None
@@ -293,8 +323,15 @@ def state_bytes(states: Iterable[Mapping[Any, Mapping[str, Any]]]) -> dict[str, 
         for entry in state.values():
             for value in entry.values():
                 if isinstance(value, Tensor):
+                    value = _local(value)
                     out["tensors" if value.dim() > 0 else "scalars"] += value.numel() * value.element_size()
     return out
+
+
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local shard; any other tensor as it is."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
 
 
 def _ddp(ctx: ModeContext) -> DistributedDataParallel:
@@ -330,9 +367,11 @@ def _default_kernel(params: list[Tensor]) -> str:
 
 def build_mode(name: str, ctx: ModeContext) -> Mode:
     """Build mode ``name`` (one of :data:`MODES`) from ``ctx``; see the module docs."""
-    if name not in MODES:
-        raise ValueError(f"unknown mode {name!r}; choose from {', '.join(MODES)}")
+    if name not in ALL_MODES:
+        raise ValueError(f"unknown mode {name!r}; choose from {', '.join(ALL_MODES)}")
     mode = Mode(name, sync=ctx.sync, autocast=ctx.autocast, device=ctx.device, link=ctx.link)
+    if name in FSDP_MODES:
+        return _build_fsdp(mode, ctx)
     if name == "upstream":
         return _build_upstream(mode, ctx)
     if name == "zero-upstream":
@@ -402,6 +441,103 @@ def build_mode(name: str, ctx: ModeContext) -> Mode:
     if mode.optimizer is not None and name != "zero-post":
         opt = mode.optimizer
         mode.states = lambda: [opt.state]
+    return mode
+
+
+def _fsdp(ctx: ModeContext) -> nn.Module:
+    """A copy of ``ctx.base`` with ``fully_shard`` on each of its blocks and on the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    module = copy.deepcopy(ctx.base).to(ctx.device)
+    blocks = getattr(module, "layers", None) or getattr(module, "blocks", None)
+    if blocks is None and isinstance(module, nn.Sequential):
+        blocks = list(module)
+    for block in blocks or ():
+        fully_shard(block)
+    fully_shard(module)
+    return module
+
+
+class _InBackward:
+    """The loop's optimizer for ``fsdp-per-param-in-backward``: one optimizer per parameter,
+    each stepped, and its gradient dropped, by the parameter's post-accumulate-grad hook;
+    ``step()`` and ``zero_grad()`` do nothing (the updates already ran in backward)."""
+
+    def __init__(self, optimizers: dict[Tensor, torch.optim.Optimizer]):
+        self.optimizers = optimizers
+        self.handles = [p.register_post_accumulate_grad_hook(self._hook) for p in optimizers]
+
+    def _hook(self, param: Tensor) -> None:
+        opt = self.optimizers[param]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        pass
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+#: The optimizers whose fused kernels DTensor has a sharding rule for (``aten._fused_adam_`` and
+#: ``aten._fused_adamw_``, torch 2.9 to 2.13); ``fused=True`` SGD fails on DTensor parameters.
+_DTENSOR_FUSED = ("adam", "adamw")
+
+
+def dtensor_kernel(optimizer: str, kernel: dict[str, Any]) -> dict[str, Any]:
+    """``kernel`` for an optimizer over DTensor parameters: ``fused=True`` where DTensor has a
+    sharding rule for the optimizer's fused kernel, else ``foreach=True``.
+
+    Example:
+        >>> dtensor_kernel("adamw", {"fused": True}), dtensor_kernel("sgd", {"fused": True})
+        ({'fused': True}, {'foreach': True})
+    """
+    if kernel.get("fused") and optimizer not in _DTENSOR_FUSED:
+        return {"foreach": True}
+    return dict(kernel)
+
+
+def _build_fsdp(mode: Mode, ctx: ModeContext) -> Mode:
+    model = _fsdp(ctx)
+    fast = dtensor_kernel(ctx.optimizer, ctx.fast_kernel)
+    mode.model = model
+    mode.comm = LinkedFSDPCollectives(ctx.link) if ctx.link is not None else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    if mode.name == "fsdp-floor":
+        mode.kernel = "FSDP2, no optimizer"
+    elif mode.name == "fsdp-post-fused":
+        opt = make_optimizer(ctx.optimizer, params, **fast)
+        mode.optimizer = opt
+        mode.post_backward = True
+        mode.states = lambda: [opt.state]
+        mode.kernel = f"FSDP2 + {_kernel_name(fast)} step after backward"
+    elif mode.name == "fsdp-per-param-in-backward":
+        per_param = {p: make_optimizer(ctx.optimizer, [p], **fast) for p in params}
+        wrapper = _InBackward(per_param)
+        mode.optimizer = wrapper
+        mode.states = lambda: [o.state for o in per_param.values()]
+        mode.kernel = (f"FSDP2 + per-param {_kernel_name(fast)} step in "
+                       f"post-accumulate-grad hooks ({len(params)} optimizers)")
+    else:  # fsdp-overlap
+        from overlap_sgd.fsdp.state import fsdp_executor
+
+        kernel = dtensor_kernel(ctx.optimizer, ctx.overlap_kernel)
+        opt = make_optimizer(ctx.optimizer, params, **kernel)
+        if ctx.device.type == "cpu":
+            # Per-group timings from the worker thread. On CUDA the overlap keeps its own stream
+            # executor: FSDP's path orders the streams through the executor's ``stream``, which a
+            # wrapper would hide, and host stamps would time only the enqueueing there.
+            executor = InstrumentedExecutor(fsdp_executor("auto", ctx.device), label=ctx.label)
+            mode.optimizer = overlap_sgd.overlap(model, opt, executor=executor)
+            mode.executor = executor
+        else:
+            mode.optimizer = overlap_sgd.overlap(model, opt)
+        mode.states = lambda: [opt.state]
+        mode.kernel = "FSDP2 + group " + ("fused" if kernel.get("fused") else "foreach")
     return mode
 
 

@@ -18,6 +18,14 @@ the machine hits each alike (every mode has its own DDP model, built from the sa
   overlap-shard  overlap_sgd.overlap(..., shard=True): each rank updates its share of each
                  bucket as it lands, keeping the optimizer state of that share only
 
+and, named with --modes only, four FSDP2 modes (fully_shard on each block and on the root):
+
+  fsdp-floor     FSDP2 backward only, no optimizer
+  fsdp-post-fused  optimizer.step() after backward over the sharded parameters, post-fused's kernel
+  fsdp-per-param-in-backward  one optimizer per sharded parameter, stepped from its
+                 post-accumulate-grad hook as FSDP2 sets its .grad (other libraries' in-backward step)
+  fsdp-overlap   overlap_sgd.overlap(fsdp_root, opt): each FSDP group updated as its reduce-scatter lands
+
 and reports median step time with p10/p90 and IQR, the ratios overlap/post, overlap/post-fused,
 overlap/upstream and overlap-shard/overlap, /zero-post and /zero-upstream, the hidden fraction
 (post - overlap) / (post - floor), each mode's optimizer state per rank and peak memory, the
@@ -35,7 +43,8 @@ serialized link thread per rank for bytes*8/X ns before its future completes (th
 spending no CPU). All modes that communicate through a DDP comm hook use the same wrapper;
 upstream cannot take a custom comm hook and is reported as skipped. overlap-shard's
 reduce-scatters and all-gathers are held on the same link, each for half its buffer's bytes (the
-two halves of a ring all-reduce), and zero-post carries its parameter broadcast there (half the
+two halves of a ring all-reduce), as are the FSDP2 modes' all-gathers and reduce-scatters, and
+zero-post carries its parameter broadcast there (half the
 parameters' bytes, an all-gather's worth) after its step.
 """
 
@@ -50,7 +59,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.launch import launched_by_torchrun, run_torchrun, spawn  # noqa: E402
-from benchmarks.modes import CLIP_SETTINGS, MODES  # noqa: E402
+from benchmarks.modes import ALL_MODES, CLIP_SETTINGS, MODES  # noqa: E402
 from benchmarks.runner import AUTOCAST, BenchJob, BenchOptions, rank_entry  # noqa: E402
 from benchmarks.workloads import KINDS, OPTIMIZERS  # noqa: E402
 
@@ -122,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-policy", default=d.clip_policy, choices=["auto", "speculate", "defer"],
                    help="overlap+clip's ClipGradNorm policy (default auto)")
     g = p.add_argument_group("measurement")
-    g.add_argument("--modes", type=_names(MODES), default=list(MODES),
-                   help=f"modes to run (default {','.join(MODES)})")
+    g.add_argument("--modes", type=_names(ALL_MODES), default=list(MODES),
+                   help=f"modes to run (default {','.join(MODES)}; also {','.join(ALL_MODES[len(MODES):])})")
     g.add_argument("--rounds", type=int, default=d.rounds, help="round-robin rounds (default 5)")
     g.add_argument("--steps-per-round", type=int, default=d.steps_per_round,
                    help="steps per mode per round (default 5)")

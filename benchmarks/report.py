@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["format_table", "mode_memory", "plot", "sharding_lines", "trace_line", "write_json"]
+__all__ = ["format_table", "fsdp_lines", "mode_memory", "plot", "sharding_lines", "trace_line", "write_json"]
 
 JSON_NAME = "overlap_bench.json"
 
@@ -109,20 +109,21 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append("")
         lines.append(f"== {run['label']}  ({run['params'] / 1e6:.2f}M params, {run['optimizer_desc']})")
         cuda = any(mode_memory(m)["cuda"] for m in run["modes"].values() if m["status"] == "ok")
+        w = max([14] + [len(name) + 1 for name in run["modes"]])
         lines.append(
-            f"{'mode':<14}{'median ms':>10}{'p10':>8}{'p90':>8}{'IQR':>7}{'fwd+bwd':>9}"
+            f"{'mode':<{w}}{'median ms':>10}{'p10':>8}{'p90':>8}{'IQR':>7}{'fwd+bwd':>9}"
             f"{'opt.step':>9}{'state MB':>9}{'setup MB':>9}{'step MB':>8}{'peak MB':>8}  kernel / note"
             + (" (memory: CUDA allocator)" if cuda else "")
         )
         for name, m in run["modes"].items():
             if m["status"] != "ok":
-                lines.append(f"{name:<14}{'skipped':>10}  {m['reason']}")
+                lines.append(f"{name:<{w}}{'skipped':>10}  {m['reason']}")
                 continue
             st = m["step"]
             mem = mode_memory(m)
             note = _mode_note(name, run, m)
             lines.append(
-                f"{name:<14}{_ms(st['median']):>10}{_ms(st['p10']):>8}{_ms(st['p90']):>8}"
+                f"{name:<{w}}{_ms(st['median']):>10}{_ms(st['p10']):>8}{_ms(st['p90']):>8}"
                 f"{_ms(st['iqr']):>7}{_ms(m.get('backward', {}).get('median')):>9}"
                 f"{_ms(m.get('opt_step', {}).get('median')):>9}{_mb1(mem['state']):>9}"
                 f"{_mb(mem['setup']):>9}{_mb(mem['step']):>8}{_mb(mem['peak']):>8}  {note}"
@@ -145,6 +146,7 @@ def format_table(result: dict[str, Any]) -> str:
         )
         lines.extend(clipping_lines(run))
         lines.extend(sharding_lines(run))
+        lines.extend(fsdp_lines(run))
         linked = link_line(run)
         if linked:
             lines.append(linked)
@@ -172,7 +174,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 def _mode_note(name: str, run: dict[str, Any], m: dict[str, Any]) -> str:
     kernel = m.get("kernel", "")
-    if name in ("overlap", "overlap-shard") and "update_busy" in m:
+    if name in ("overlap", "overlap-shard", "fsdp-overlap") and "update_busy" in m:
         busy = m.get("update_busy", {}).get("median")
         wait = m.get("update_wait", {}).get("median")
         tail = m.get("tail", {}).get("median")
@@ -224,6 +226,40 @@ def sharding_lines(run: dict[str, Any]) -> list[str]:
     lines.append(f"{head}: " + "; ".join(parts))
     if any(t["met"] is False and t["what"] == "step" for t in sh["targets"]):
         lines.append(limit_line(run))
+    return lines
+
+
+def fsdp_lines(run: dict[str, Any]) -> list[str]:
+    """The FSDP2 modes' step ratios and targets, with verdicts where the run's configuration is
+    the one they are set for, and the floor next to them where a step target is missed."""
+    f = run.get("fsdp")
+    modes = run["modes"]
+    if not f or not any(name.startswith("fsdp-") for name in modes):
+        return []
+    lines = ["FSDP2: " + "   ".join(f"{k} {_num(v)}" for k, v in f["step_ratio"].items() if v is not None)]
+    cfg = f["target_config"]
+    parts = []
+    for t in f["targets"]:
+        verdict = {True: "met", False: "NOT met", None: ""}[t["met"]]
+        op = "==" if t["what"] == "state" else "<="
+        parts.append(f"{t['what']} {t['ratio']} {_num(t['value'])} {op} {t['bound']:.2f} {verdict}".rstrip())
+    where = f"{cfg['link_gbps']:g} Gbit/s link, {cfg['world_size']} ranks, {cfg['optimizer']}"
+    head = "  targets" if f["targets_apply"] else f"  targets (set for {where}; not this configuration)"
+    lines.append(f"{head}: " + "; ".join(parts))
+    floor = _median_of(modes.get("fsdp-floor"), "step")
+    if floor is not None and any(t["met"] is False and t["what"] == "step" for t in f["targets"]):
+        floor_p10 = modes["fsdp-floor"]["step"]["p10"]
+        limit = [f"  limit: fsdp-floor {_ms(floor)} ms, p10 {_ms(floor_p10)} (backward and communication, "
+                 "no optimizer)"]
+        for name in ("fsdp-overlap", "fsdp-post-fused", "fsdp-per-param-in-backward"):
+            step = _median_of(modes.get(name), "step")
+            if step is not None:
+                p10 = modes[name]["step"]["p10"] - floor_p10
+                limit.append(f"{name} - floor {_ms(step - floor)} ms, p10 {_ms(p10)}")
+        tail = _median_of(modes.get("fsdp-overlap"), "tail")
+        if tail is not None:
+            limit.append(f"fsdp-overlap's tail after its last reduce-scatter {_ms(tail)} ms")
+        lines.append("; ".join(limit))
     return lines
 
 

@@ -7,11 +7,12 @@ the machine hits every mode alike. Per step the slowest rank's time counts. Afte
 rank reads its optimizer state's size in every mode. Rank 0 returns the collected results; the
 other ranks return ``None``.
 
-A mode whose step raises (``upstream`` on a torch that no longer supports it, say) is reported
-as skipped with the error instead of ending the run. With a trace requested, a few steps of a
-fresh overlap mode are profiled after the measurement, and on CUDA the trace's kernels give the
-share of the update stream's busy time that ran beside default-stream kernels and the tail left
-after backward's last kernel (:mod:`benchmarks.stream_overlap`).
+A mode whose building or step raises (``upstream`` on a torch that no longer supports it, a mode
+that does not fit in memory beside the others, say) is reported as skipped with the error
+instead of ending the run. With a trace requested, a few steps of a fresh overlap mode are
+profiled after the measurement, and on CUDA the trace's kernels give the share of the update
+stream's busy time that ran beside default-stream kernels and the tail left after backward's
+last kernel (:mod:`benchmarks.stream_overlap`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from .memory import MemoryProbe
 from .modes import CLIPPED, MODES, Mode, ModeContext, build_mode, pick_fast_kernel
 from .stats import compare, step_max, summarize
 from .stream_overlap import analyze, load_trace
-from .targets import clipping, sharding
+from .targets import clipping, fsdp, sharding
 from .trace import write_trace
 from .workloads import Workload, build_model, describe_optimizer, make_batch
 
@@ -239,7 +240,13 @@ def run_config(cfg: RunConfig, opts: BenchOptions, rank: int, world: int, device
     setup_mem: dict[str, dict[str, int | None]] = {}
     for name in opts.modes:
         before = probe.now()
-        mode = build_mode(name, ctx)
+        try:
+            mode = build_mode(name, ctx)
+        except Exception as exc:  # noqa: BLE001 - reported as the mode's skip reason (out of memory, say)
+            traceback.print_exc(file=sys.stderr)
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            mode = Mode(name, skipped=f"failed to build: {type(exc).__name__}: {first}")
+            gc.collect()
         modes[name] = mode
         if mode.active and _guarded(mode, max(opts.warmup, mode.min_warmup), x, y, log):
             mode.records.clear()
@@ -356,6 +363,7 @@ def _assemble(cfg: RunConfig, opts: BenchOptions, n_params: int, fast: dict[str,
         "modes": mode_out,
         "comparison": compare(medians),
         "sharding": sharding(cfg.optimizer, cfg.bucket_cap_mb, cfg.link_gbps, len(gathered), medians, state),
+        "fsdp": fsdp(cfg.optimizer, cfg.link_gbps, len(gathered), medians, state),
         "clipping": clipping(cfg.optimizer, cfg.link_gbps, len(gathered), opts.clip, opts.clip_policy, medians),
         "bandwidth": bandwidth,
         "memory": {

@@ -26,7 +26,8 @@ from typing import Any
 
 from .stats import ratio
 
-__all__ = ["CLIP_TARGETS", "STATE_RATIOS", "TARGETS", "TARGET_CONFIG", "clipping", "sharding"]
+__all__ = ["CLIP_TARGETS", "FSDP_TARGETS", "FSDP_TARGET_CONFIG", "STATE_RATIOS", "TARGETS", "TARGET_CONFIG",
+           "clipping", "fsdp", "sharding"]
 
 #: The configuration the targets are set for.
 TARGET_CONFIG: dict[str, Any] = {"optimizer": "adamw", "bucket_cap_mb": 4.0, "link_gbps": 2.0, "world_size": 2}
@@ -129,3 +130,59 @@ def clipping(
         targets.append({"ratio": name, "value": value, "bound": bound,
                         "met": None if value is None else value <= bound})
     return {"setting": setting, "policy": policy, "targets": targets}
+
+
+#: The configuration the FSDP2 targets are set for: the simulated 2 Gbit/s link, two ranks,
+#: AdamW (FSDP2 has no buckets: it communicates one ``fully_shard`` group at a time).
+FSDP_TARGET_CONFIG: dict[str, Any] = {"optimizer": "adamw", "link_gbps": 2.0, "world_size": 2}
+
+#: The FSDP2 targets, as :data:`TARGETS`: ``fsdp-overlap`` steps at most 0.95 x
+#: ``fsdp-post-fused`` and at most 0.85 x ``fsdp-per-param-in-backward``, and holds exactly
+#: ``fsdp-post-fused``'s optimizer state per rank (FSDP shards it already; the ratio is 1).
+FSDP_TARGETS: tuple[tuple[str, str, float], ...] = (
+    ("step", "fsdp-overlap/fsdp-post-fused", 0.95),
+    ("step", "fsdp-overlap/fsdp-per-param-in-backward", 0.85),
+    ("state", "fsdp-overlap/fsdp-post-fused", 1.00),
+)
+
+
+def fsdp(
+    optimizer: str,
+    link_gbps: float | None,
+    world_size: int,
+    medians: Mapping[str, float | None],
+    state: Mapping[str, Sequence[Mapping[str, int] | None]],
+) -> dict[str, Any]:
+    """The FSDP2 modes' step and state ratios and :data:`FSDP_TARGETS` with their verdicts
+    (``met`` is ``None`` where the configuration is not :data:`FSDP_TARGET_CONFIG` or a figure
+    is missing). The state target asks for equality: ``met`` only where the largest rank's
+    state is the same number of bytes in both modes.
+
+    Example:
+        >>> st = {"fsdp-overlap": [{"tensors": 400, "scalars": 8}] * 2,
+        ...       "fsdp-post-fused": [{"tensors": 400, "scalars": 8}] * 2}
+        >>> f = fsdp("adamw", 2.0, 2, {"fsdp-overlap": 0.090, "fsdp-post-fused": 0.100,
+        ...                            "fsdp-per-param-in-backward": 0.102}, st)
+        >>> [(round(t["value"], 3), t["met"]) for t in f["targets"]]
+        [(0.9, True), (0.882, False), (1.0, True)]
+    """
+    per_mode = {name: _largest(ranks) for name, ranks in state.items() if name.startswith("fsdp-")}
+    config = {"optimizer": optimizer, "link_gbps": link_gbps, "world_size": world_size}
+    applies = config == FSDP_TARGET_CONFIG
+    targets = []
+    for what, name, bound in FSDP_TARGETS:
+        a, b = name.split("/")
+        if what == "step":
+            value = ratio(medians.get(a), medians.get(b))
+            met = (value <= bound) if applies and value is not None else None
+        else:
+            sa, sb = per_mode.get(a), per_mode.get(b)
+            value = ratio(sa["total"], sb["total"]) if sa and sb else None
+            met = (sa == sb) if applies and sa and sb else None
+        targets.append({"what": what, "ratio": name, "value": value, "bound": bound, "met": met})
+    steps = {f"{a}/{b}": ratio(medians.get(a), medians.get(b)) for a, b in (
+        ("fsdp-overlap", "fsdp-post-fused"), ("fsdp-overlap", "fsdp-per-param-in-backward"),
+        ("fsdp-per-param-in-backward", "fsdp-post-fused"), ("fsdp-overlap", "fsdp-floor"),
+        ("fsdp-post-fused", "post-fused"))}
+    return {"state_per_rank": per_mode, "step_ratio": steps, "targets": targets, "targets_apply": applies,
+            "target_config": FSDP_TARGET_CONFIG}

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.link import LinkedCollectives, SimulatedLink
-from benchmarks.modes import MODES, SHARDED, Mode, ModeContext, StepRecord, build_mode, state_bytes
+from benchmarks.link import LinkedCollectives, LinkedFSDPCollectives, SimulatedLink
+from benchmarks.modes import FSDP_MODES, MODES, SHARDED, Mode, ModeContext, StepRecord, build_mode, state_bytes
 from benchmarks.overlap_bench import parse_args
-from benchmarks.report import format_table, mode_memory, sharding_lines
+from benchmarks.report import format_table, fsdp_lines, mode_memory, sharding_lines
 from benchmarks.runner import BenchOptions, configs
 from benchmarks.stats import compare, hidden_fraction, ratio, step_max, summarize
-from benchmarks.targets import TARGET_CONFIG, sharding
+from benchmarks.targets import FSDP_TARGET_CONFIG, TARGET_CONFIG, fsdp, sharding
 from benchmarks.workloads import GPT, Workload, build_model, loss_fn, make_batch
 from tests.distributed import run_distributed
 
@@ -324,6 +324,110 @@ def test_gpt_modes_train_alike_under_bf16_autocast():
     assert results[0]["overlap-shard"] == results[1]["overlap-shard"]
 
 
+def _fsdp_modes_body(rank: int, world: int, link_gbps: float | None, optimizer: str) -> dict:
+    spec = Workload("mlp", width=16, depth=4, batch=4)
+    base = build_model(spec, seed=1)
+    link = SimulatedLink(link_gbps) if link_gbps else None
+    ctx = ModeContext(base=base, device=torch.device("cpu"), optimizer=optimizer, bucket_cap_mb=0.001,
+                      link=link, fast_kernel={"fused": True}, overlap_kernel={"fused": True})
+    x, y = make_batch(spec, rank, torch.device("cpu"))
+    out: dict = {"init": _flat(base), "state": {}, "link_bytes": {}, "records": {}, "kernels": {}}
+    for name in ("post-fused",) + FSDP_MODES:
+        mode = build_mode(name, ctx)
+        for _ in range(3):
+            carried = link.bytes_carried if link is not None else 0
+            rec = mode.step(x, y)
+            if link is not None:
+                out["link_bytes"][name] = link.bytes_carried - carried
+        out["records"][name] = [(r.total, r.backward, r.opt_step, r.update_busy) for r in mode.records]
+        out["kernels"][name] = mode.kernel
+        model = mode.model.module if name == "post-fused" else mode.model
+        out[name] = torch.cat([(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().reshape(-1)
+                               for p in model.parameters()]).tolist()
+        out["state"][name] = mode.state_bytes()
+        mode.close()
+    # The link's context is closed after every step: torch.distributed is left as it was.
+    for fn in LinkedFSDPCollectives.NAMES:
+        if hasattr(torch.distributed, fn):
+            assert getattr(torch.distributed, fn) is getattr(torch.distributed.distributed_c10d, fn), fn
+    if link is not None:
+        link.close()
+    return out
+
+
+@pytest.mark.parametrize("link_gbps", [None, 20.0], ids=["loopback", "link"])
+def test_fsdp_modes_train_alike_and_shard_the_state(link_gbps):
+    results = run_distributed(_fsdp_modes_body, 2, link_gbps, "adamw", timeout=120)
+    for r in results:
+        t = {name: torch.tensor(r[name]) for name in ("init", "post-fused") + FSDP_MODES}
+        assert torch.equal(t["fsdp-floor"], t["init"]), "fsdp-floor has no optimizer"
+        assert not torch.allclose(t["fsdp-post-fused"], t["init"]), "fsdp-post-fused did not train"
+        # The per-parameter optimizers really step, in backward: the parameters move, as post-fused's.
+        assert not torch.allclose(t["fsdp-per-param-in-backward"], t["init"])
+        for name in ("fsdp-per-param-in-backward", "fsdp-overlap"):
+            torch.testing.assert_close(t[name], t["fsdp-post-fused"], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(t["fsdp-post-fused"], t["post-fused"], rtol=1e-5, atol=1e-6)
+        for name, recs in r["records"].items():
+            assert len(recs) == 3 and all(total > 0 and backward > 0 for total, backward, _, _ in recs), name
+        assert all(opt is not None for _, _, opt, _ in r["records"]["fsdp-post-fused"])
+        assert all(busy is not None and busy > 0 for _, _, _, busy in r["records"]["fsdp-overlap"])
+        state = r["state"]
+        assert state["fsdp-floor"] == {"tensors": 0, "scalars": 0}
+        assert state["fsdp-overlap"] == state["fsdp-post-fused"] == state["fsdp-per-param-in-backward"]
+        # FSDP shards the state: each rank holds half of DDP's (AdamW's moments, the 4 layers' rows).
+        assert 2 * state["fsdp-overlap"]["tensors"] == state["post-fused"]["tensors"] > 0
+        if link_gbps:
+            params = 4 * len(r["init"])
+            # Per step: one reduce-scatter and two all-gathers (forward, and backward after the
+            # reshard), each charged half the parameters' bytes.
+            for name in FSDP_MODES:
+                assert r["link_bytes"][name] == 3 * params // 2, (name, r["link_bytes"])
+        else:
+            assert r["link_bytes"] == {}
+    assert results[0]["fsdp-overlap"] == results[1]["fsdp-overlap"]
+
+
+def test_fsdp_modes_fall_back_to_foreach_where_dtensor_has_no_fused_kernel():
+    """SGD's fused kernel has no DTensor sharding rule: the FSDP2 modes take foreach for it."""
+    results = run_distributed(_fsdp_modes_body, 2, None, "sgd", timeout=120)
+    for r in results:
+        assert "fused" in r["kernels"]["post-fused"]
+        for name in ("fsdp-post-fused", "fsdp-per-param-in-backward", "fsdp-overlap"):
+            assert "foreach" in r["kernels"][name], r["kernels"]
+        t = {name: torch.tensor(r[name]) for name in ("init", "fsdp-post-fused", "fsdp-overlap")}
+        assert not torch.allclose(t["fsdp-post-fused"], t["init"])
+        torch.testing.assert_close(t["fsdp-overlap"], t["fsdp-post-fused"], rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp_targets():
+    st = {"fsdp-overlap": [_state(500), _state(504, 4)], "fsdp-post-fused": [_state(500), _state(504, 4)],
+          "fsdp-per-param-in-backward": [_state(500), _state(504, 4)], "overlap": [_state(1000)] * 2}
+    medians = {"fsdp-overlap": 0.090, "fsdp-post-fused": 0.100, "fsdp-per-param-in-backward": 0.110,
+               "fsdp-floor": 0.085}
+    cfg = FSDP_TARGET_CONFIG
+    f = fsdp(cfg["optimizer"], cfg["link_gbps"], cfg["world_size"], medians, st)
+    assert f["targets_apply"] and set(f["state_per_rank"]) == {"fsdp-overlap", "fsdp-post-fused",
+                                                               "fsdp-per-param-in-backward"}
+    assert [(t["ratio"], t["met"]) for t in f["targets"]] == [
+        ("fsdp-overlap/fsdp-post-fused", True), ("fsdp-overlap/fsdp-per-param-in-backward", True),
+        ("fsdp-overlap/fsdp-post-fused", True)]
+    assert f["step_ratio"]["fsdp-overlap/fsdp-floor"] == pytest.approx(0.090 / 0.085)
+    assert f["step_ratio"]["fsdp-post-fused/post-fused"] is None
+    bigger = {**st, "fsdp-overlap": [_state(500), _state(508, 4)]}
+    assert fsdp("adamw", 2.0, 2, medians, bigger)["targets"][2]["met"] is False
+    elsewhere = fsdp("adamw", None, 2, medians, st)
+    assert not elsewhere["targets_apply"] and [t["met"] for t in elsewhere["targets"]] == [None] * 3
+    run = {"modes": {name: {"status": "ok", "step": {"median": v, "p10": v}} for name, v in medians.items()},
+           "fsdp": f}
+    lines = "\n".join(fsdp_lines(run))
+    assert "fsdp-overlap/fsdp-per-param-in-backward 0.818 <= 0.85 met" in lines
+    assert "state fsdp-overlap/fsdp-post-fused 1.000 == 1.00 met" in lines and "limit" not in lines
+    f_missed = fsdp("adamw", 2.0, 2, {**medians, "fsdp-overlap": 0.099}, st)
+    missed = "\n".join(fsdp_lines({**run, "fsdp": f_missed}))
+    assert "0.990 <= 0.95 NOT met" in missed and "limit: fsdp-floor 85.0 ms" in missed
+    assert "fsdp-post-fused - floor 15.0 ms" in missed
+
+
 # -- the GPT workload --------------------------------------------------------------------------
 
 
@@ -393,6 +497,7 @@ def test_parse_args_and_configs():
     with pytest.raises(SystemExit):
         parse_args(["--modes", "post,bogus"])
     assert BenchOptions().modes == list(MODES)
+    assert parse_args(["--modes", ",".join(FSDP_MODES)])[0].options.modes == list(FSDP_MODES)
     job, _ = parse_args(["--model", "gpt,mlp", "--tf-width", "768", "--vocab", "50304",
                          "--autocast", "bf16", "--trace-dir", "t", "--overlap-kernel", "fused"])
     o = job.options

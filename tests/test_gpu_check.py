@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from benchmarks.gpu_report import TARGETS, _targets
-from benchmarks.modes import MODES
+from benchmarks.modes import ALL_MODES
 from benchmarks.overlap_bench import parse_args
 from benchmarks.stats import compare
 
@@ -23,6 +23,8 @@ from benchmarks.stats import compare
 GPU_CHECK_MODES = ["floor", "post", "post-fused", "upstream", "overlap"]
 #: The GPT part also runs the global-norm clipping modes.
 CLIP_MODES = ["post-fused+clip", "overlap+clip"]
+#: The MLP part also runs FSDP2, post-backward and overlapped (world size 1 works).
+FSDP_CHECK_MODES = ["fsdp-post-fused", "fsdp-overlap"]
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "gpu_check.sh"
@@ -73,10 +75,10 @@ def test_dry_run_prints_each_part_and_runs_nothing(tmp_path):
     g, _ = parse_args(gpt[3:])
     m, a = parse_args(mlp[3:])
     assert a.device == "cuda" and a.nproc == 1
-    for job, modes in ((g, GPU_CHECK_MODES + CLIP_MODES), (m, GPU_CHECK_MODES)):
+    for job, modes in ((g, GPU_CHECK_MODES + CLIP_MODES), (m, GPU_CHECK_MODES + FSDP_CHECK_MODES)):
         o = job.options
         assert (o.device, o.autocast, o.overlap_kernel) == ("cuda", "bf16", "fused")
-        assert o.optimizers == ["sgd", "adamw"] and o.modes == modes == [n for n in MODES if n in o.modes]
+        assert o.optimizers == ["sgd", "adamw"] and o.modes == modes == [n for n in ALL_MODES if n in o.modes]
         assert o.trace_dir == str(out / "traces") and o.trace_steps >= 1
     assert g.options.clip == "sometimes"
     o = g.options
@@ -136,7 +138,7 @@ def test_cpu_pipeline_reports_failed_tests_and_still_benchmarks(tmp_path):
     assert [(r["kind"], r["optimizer"]) for r in runs] == [
         ("gpt", "sgd"), ("gpt", "adamw"), ("mlp", "sgd"), ("mlp", "adamw")]
     for r in runs:
-        assert set(r["median_s"]) == set(GPU_CHECK_MODES + (CLIP_MODES if r["kind"] == "gpt" else []))
+        assert set(r["median_s"]) == set(GPU_CHECK_MODES + (CLIP_MODES if r["kind"] == "gpt" else FSDP_CHECK_MODES))
         assert all(v is not None and v > 0 for v in r["median_s"].values()), r["skipped"]
         assert r["comparison"]["overlap/post-fused"] == pytest.approx(
             r["median_s"]["overlap"] / r["median_s"]["post-fused"])
@@ -158,6 +160,7 @@ def test_cpu_pipeline_reports_failed_tests_and_still_benchmarks(tmp_path):
     assert summary["targets"][0]["value"] is not None
     assert summary["environment"]["autocast"] == "bf16"
     assert "target (gpt, adamw): overlap/post-fused" in proc.stdout
+    assert "FSDP2 mlp 4x64 adamw: fsdp-post-fused" in proc.stdout and "fsdp-overlap/fsdp-post-fused" in proc.stdout
     assert "built with fused=True" in proc.stdout
 
 

@@ -21,7 +21,7 @@
 #              the streams inside NCCL, so a report that names an NCCL collective's tensor
 #              (c10d::allreduce_, all_gather, ...) is its noise, not a race of the overlap
 #   bench-gpt  GPT-2-small-sized decoder (12 x 768, 12 heads, seq 1024, vocab 50304, batch 8)
-#   bench-mlp  MLP of 32 x Linear(4096), batch 4096
+#   bench-mlp  MLP of 32 x Linear(4096), batch 4096, also with fsdp-post-fused and fsdp-overlap
 #   report     OUTDIR/gpu_check.json, OUTDIR/gpu_check.png (with matplotlib), the table
 # Both benchmark parts: world size 1 on NCCL (127.0.0.1, a free port), cuda:0, bf16 autocast,
 # SGD momentum and AdamW, modes floor / post / post-fused / upstream / overlap, each step timed
@@ -95,7 +95,9 @@ fi
 # overlap gets fused=True: its own default for Adam/AdamW on CUDA is foreach, which would not
 # compare like with like against post-fused.
 # The GPT also runs the clipped modes (global-norm clipping firing on every fourth step, the
-# overlapped side under the default "auto" policy): what a transformer loop does.
+# overlapped side under the default "auto" policy): what a transformer loop does. The MLP also
+# runs FSDP2 (fully_shard per layer and on the root, world size 1: nothing is reduce-scattered,
+# the group updates still go to the side stream) post-backward and overlapped.
 modes=floor,post,post-fused,upstream,overlap
 common=(--device "$device" --nproc 1 --optim sgd,adamw --autocast bf16 --overlap-kernel fused
         "${rounds[@]}" --timeout 90 --trace-dir "$out/traces")
@@ -115,7 +117,7 @@ sanitizer_cmd=(env TORCH_CUDA_SANITIZER=1 "$python" -m pytest "$tests" -k "$sani
 gpt_cmd=("$python" -m benchmarks.overlap_bench --model gpt "${gpt_size[@]}" "${common[@]}"
          --modes "$modes,post-fused+clip,overlap+clip" --clip sometimes --out "$out/bench-gpt")
 mlp_cmd=("$python" -m benchmarks.overlap_bench --model mlp "${mlp_size[@]}" "${common[@]}"
-         --modes "$modes" --out "$out/bench-mlp")
+         --modes "$modes,fsdp-post-fused,fsdp-overlap" --out "$out/bench-mlp")
 report_cmd=("$python" -m benchmarks.gpu_report summary "$out")
 
 quoted() {  # the command as a shell would read it back, quoting only where needed
