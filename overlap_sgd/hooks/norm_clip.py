@@ -32,7 +32,12 @@ The norm: in unsharded training each rank has every averaged gradient, and the p
 norms are combined in ``model.parameters()`` order exactly as ``clip_grad_norm_`` combines
 them, so the total norm is bit-identical to it. In sharded training each rank holds pieces:
 their ``p``-th powers are summed over the ranks with one all-reduce in ``step()``, equal
-within rounding.
+within rounding. FSDP2 (:meth:`GlobalClipper.observe_shards`) has a shard of every gradient on
+every rank and torch reduces DTensor norms per parameter: each parameter's local norm is raised
+to the ``p``-th power, the vector of them summed over the ranks with one all-reduce (``MAX`` for
+the inf-norm), each root taken, and the roots combined in ``model.parameters()`` order, which
+is what ``clip_grad_norm_`` computes on the DTensor gradients (their ``_NormPartial``
+reduction), bit for bit where the collective sums the ranks in the same order.
 
 Example:
     >>> ClipGradNorm(1.0).policy
@@ -56,6 +61,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..functional.base import divide
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a build without distributed support: no DTensor gradients either
+
+    class DTensor:  # type: ignore[no-redef]
+        pass
 
 __all__ = ["AUTO_WINDOW", "POLICIES", "ClipGradNorm", "GlobalClipper"]
 
@@ -166,6 +178,9 @@ class _Step:
     whole: list[tuple[int, Tensor]] = field(default_factory=list)
     #: Norms of gradient pieces this rank holds (sharded training).
     pieces: list[Tensor] = field(default_factory=list)
+    #: (model-order index, norm) of this rank's shard of gradients every rank holds a shard
+    #: of (FSDP2), reduced per parameter over the ranks.
+    shards: list[tuple[int, Tensor]] = field(default_factory=list)
     #: (bucket index, callback) run after the corrections or deferred updates (sharded
     #: training: gather the updated pieces to every rank), in bucket order.
     after: list[tuple[int, Callable[[], None]]] = field(default_factory=list)
@@ -260,6 +275,11 @@ class GlobalClipper:
         self._step = None
 
     @property
+    def deferring(self) -> bool:
+        """Whether the updates of the backward under way wait for ``step()``."""
+        return self._step is not None and self._step.deferring
+
+    @property
     def pending(self) -> bool:
         """A synchronising backward ran whose clipping ``step()`` has not settled yet."""
         return self._step is not None
@@ -308,6 +328,18 @@ class GlobalClipper:
         norms = torch._foreach_norm(list(grads), self.norm_type)
         with self._lock:
             step.pieces.extend(norms)
+
+    def observe_shards(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+        """This rank's shards ``grads`` (plain local tensors) of the gradients of ``params``,
+        of which every rank holds a shard (FSDP2): their norms are reduced per parameter over
+        the ranks in ``step()``, as torch reduces DTensor norms."""
+        step = self._step
+        if step is None or not grads:
+            return
+        norms = torch._foreach_norm(list(grads), self.norm_type)
+        pairs = [(self.order.get(id(p), -1), n) for p, n in zip(params, norms)]
+        with self._lock:
+            step.shards.extend(pairs)
 
     def after_settle(self, bucket: int, callback: Callable[[], None]) -> None:
         """Run ``callback`` once the step's corrections or deferred updates have run."""
@@ -392,7 +424,7 @@ class GlobalClipper:
         self.total_norm, self.clipped = total, fired
         self.clipped_steps += fired
         self.deferred_steps += self._any_deferred(step)
-        self.corrected_steps += fired and not step.deferring
+        self.corrected_steps += fired and any(not e.deferred for e in step.entries)
         return total
 
     def _any_deferred(self, step: _Step) -> bool:
@@ -405,7 +437,7 @@ class GlobalClipper:
 
     def _total(self, step: _Step) -> Tensor:
         p = self.norm_type
-        whole = [n for _, n in sorted(step.whole, key=lambda pair: pair[0])]
+        whole = [n for _, n in sorted(step.whole + self._reduce_shards(step), key=lambda pair: pair[0])]
         device = self.params[0].device if self.params else torch.device("cpu")
         if not self.sharded:
             if not whole:
@@ -426,6 +458,25 @@ class GlobalClipper:
             power = power + torch.stack([n.to(device, torch.float32) for n in whole]).pow(p).sum()
         return power.pow(1.0 / p)
 
+    def _reduce_shards(self, step: _Step) -> list[tuple[int, Tensor]]:
+        """(model-order index, norm over all ranks) of each parameter of ``step.shards``: one
+        all-reduce of the vector of local norms (their ``p``-th powers summed, or the
+        maximum), as DTensor's ``_NormPartial`` reduces each norm (``x**p``, sum, ``**(1/p)``).
+        Every rank holds a shard of the same parameters' gradients, so the vectors agree in
+        length and order."""
+        if not step.shards:
+            return []
+        pairs = sorted(step.shards, key=lambda pair: pair[0])
+        norms = torch.stack([n.to(pairs[0][1].device) for _, n in pairs])
+        p = self.norm_type
+        if p == math.inf:
+            dist.all_reduce(norms, op=dist.ReduceOp.MAX, group=self.process_group)
+        else:
+            norms = norms**p
+            dist.all_reduce(norms, group=self.process_group)
+            norms = norms ** (1.0 / p)
+        return [(i, n) for (i, _), n in zip(pairs, norms.unbind())]
+
     def _scale_grads(self, step: _Step, coef: Tensor) -> None:
         """Leave ``.grad`` (and the bucket gradients the updates read) clipped, as
         ``clip_grad_norm_`` leaves ``.grad``: each distinct memory scaled once."""
@@ -435,6 +486,8 @@ class GlobalClipper:
         for t in [p.grad for p in self.params] + [g for e in step.entries for g in e.grads]:
             if t is None or t.is_sparse:
                 continue
+            if isinstance(t, DTensor):
+                t = t.to_local()  # FSDP2: this rank's shard (a view), scaled in place
             storage = t.untyped_storage().data_ptr()
             lo = t.data_ptr()
             hi = lo + t.numel() * t.element_size()
