@@ -68,7 +68,8 @@ and where it exceeds ``max_norm`` corrects every group's update on the local sha
 ``clip_grad_norm_`` does. The total is what ``clip_grad_norm_(model.parameters(), ...)``
 computes on the DTensor gradients, which reduces each parameter's norm over the ranks
 (DTensor's ``_NormPartial``: ``x**p``, sum, ``**(1/p)``) before combining them in parameter
-order: bit for bit on CPU; on CUDA the multi-tensor norm kernel may round a parameter's
+order (torch 2.9 combines each rank's norms first and reduces the result: followed there):
+bit for bit on CPU; on CUDA the multi-tensor norm kernel may round a parameter's
 norm unlike the per-tensor one torch runs on DTensors, and NCCL may add the ranks in another
 order, so there it agrees within rounding. On a step that defers (the ``"auto"`` policy's
 first step and steps after frequent clipping, ``"defer"``, ``error_if_nonfinite=True``,

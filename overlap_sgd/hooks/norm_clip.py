@@ -37,7 +37,10 @@ every rank and torch reduces DTensor norms per parameter: each parameter's local
 to the ``p``-th power, the vector of them summed over the ranks with one all-reduce (``MAX`` for
 the inf-norm), each root taken, and the roots combined in ``model.parameters()`` order, which
 is what ``clip_grad_norm_`` computes on the DTensor gradients (their ``_NormPartial``
-reduction), bit for bit where the collective sums the ranks in the same order.
+reduction) in torch 2.13, bit for bit where the collective sums the ranks in the same order.
+Torch 2.9 combines each rank's norms first and reduces that partial norm, adding
+``clip_grad_norm_``'s ``1e-6`` before the reduction; on releases before 2.13 that order is
+followed (the denominator reduced in the same all-reduce).
 
 Example:
     >>> ClipGradNorm(1.0).policy
@@ -70,6 +73,12 @@ except ImportError:  # a build without distributed support: no DTensor gradients
         pass
 
 __all__ = ["AUTO_WINDOW", "POLICIES", "ClipGradNorm", "GlobalClipper"]
+
+#: Whether ``clip_grad_norm_`` on DTensor gradients reduces each parameter's norm over the
+#: ranks before combining them (torch 2.13; checked there and on 2.9.1, which combines this
+#: rank's norms first and reduces that partial norm, ``+ 1e-6`` included). Either way the
+#: totals agree within rounding; this picks the order that makes them bit-identical.
+_DTENSOR_NORMS_PER_PARAMETER = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
 
 #: The clipping policies: see the module docs.
 POLICIES = ("auto", "speculate", "defer")
@@ -392,8 +401,8 @@ class GlobalClipper:
         if step is None:
             return self.total_norm
         max_norm = self.options.max_norm if max_norm is None else max_norm
-        total = self._total(step)
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        total, denominator = self._total(step)
+        coef = torch.clamp(max_norm / denominator, max=1.0)
         # The step's one read on the host: the norm and the coefficient together.
         norm_value, value = torch.stack([total.detach().float(), coef.detach().float()]).tolist()
         if not math.isfinite(norm_value) and self.skip_nonfinite:
@@ -435,7 +444,15 @@ class GlobalClipper:
             f.corrects_clip(gi) for f in self.optimizers for gi in range(len(f.param_groups))
         )
 
-    def _total(self, step: _Step) -> Tensor:
+    def _total(self, step: _Step) -> tuple[Tensor, Tensor]:
+        """The total norm, and what ``clip_grad_norm_`` divides ``max_norm`` by (the norm
+        plus ``1e-6``)."""
+        if step.shards and not _DTENSOR_NORMS_PER_PARAMETER:
+            return self._reduce_shards_once(step)
+        total = self._total_norm(step)
+        return total, total + 1e-6
+
+    def _total_norm(self, step: _Step) -> Tensor:
         p = self.norm_type
         whole = [n for _, n in sorted(step.whole + self._reduce_shards(step), key=lambda pair: pair[0])]
         device = self.params[0].device if self.params else torch.device("cpu")
@@ -476,6 +493,23 @@ class GlobalClipper:
             dist.all_reduce(norms, group=self.process_group)
             norms = norms ** (1.0 / p)
         return [(i, n) for (i, _), n in zip(pairs, norms.unbind())]
+
+    def _reduce_shards_once(self, step: _Step) -> tuple[Tensor, Tensor]:
+        """:meth:`_total` of ``step.shards`` as torch 2.9 reduces DTensor norms: this rank's
+        norms combined first (in ``model.parameters()`` order), then that one partial norm
+        reduced over the ranks (``x**p``, sum, ``**(1/p)``, or the maximum); ``clip_grad_norm_``
+        adds its ``1e-6`` to the partial norm, before the reduction, so the denominator is
+        reduced alongside it (one all-reduce of both)."""
+        norms = [n for _, n in sorted(step.shards, key=lambda pair: pair[0])]
+        p = self.norm_type
+        local = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), p)
+        if p == math.inf:  # the maximum commutes with adding 1e-6
+            dist.all_reduce(local, op=dist.ReduceOp.MAX, group=self.process_group)
+            return local, local + 1e-6
+        both = torch.stack([local, local + 1e-6]) ** p
+        dist.all_reduce(both, group=self.process_group)
+        total, denominator = (both ** (1.0 / p)).unbind()
+        return total, denominator
 
     def _scale_grads(self, step: _Step, coef: Tensor) -> None:
         """Leave ``.grad`` (and the bucket gradients the updates read) clipped, as
