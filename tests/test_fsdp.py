@@ -14,6 +14,7 @@ all_gather into tensors, and a CPU device mesh needs nothing more), so none of t
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +27,8 @@ from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 import overlap_sgd
-from overlap_sgd.hooks.norm_clip import ClipGradNorm
+from overlap_sgd.functional import FunctionalAdam, FunctionalSGD
+from overlap_sgd.hooks.norm_clip import AUTO_WINDOW, ClipGradNorm
 from tests.distributed import run_distributed
 
 TIMEOUT = 120
@@ -95,6 +97,11 @@ class Scenario:
     frozen: bool = False
     unused: bool = False
     clip: float | None = None
+    #: The clipping policy and norm (with ``clip``).
+    policy: str = "auto"
+    norm_type: float = 2.0
+    #: (rtol, atol, why) where clipped steps were corrected; ``None``: bit for bit.
+    rounding: tuple[float, float, str] | None = None
     groups: bool = False
     two_optimizers: bool = False
     scheduler: bool = False
@@ -149,7 +156,7 @@ def _build(s: Scenario, seed: int = 0) -> nn.Module:
 
 
 def _optimizers(s: Scenario, model: nn.Module) -> list[torch.optim.Optimizer]:
-    make = OPTIMIZERS[s.opt]
+    make = functools.partial(OPTIMIZERS[s.opt], **s.kw)
     params = [p for p in model.parameters() if p.requires_grad]
     if s.two_optimizers:
         head = [p for n, p in model.named_parameters() if n.startswith("head")]
@@ -162,9 +169,17 @@ def _optimizers(s: Scenario, model: nn.Module) -> list[torch.optim.Optimizer]:
     return [make(params)]
 
 
-def _train(s: Scenario, model: nn.Module, opts: list[Any], rank: int, reference: bool = False) -> list[float]:
-    """Train ``s.steps`` steps; the ``reference`` clips after backward as a post-backward loop does."""
+def _train(
+    s: Scenario, model: nn.Module, opts: list[Any], rank: int, reference: bool = False,
+    log: dict[str, list[Any]] | None = None,
+) -> list[float]:
+    """Train ``s.steps`` steps; the ``reference`` clips after backward as a post-backward loop does.
+
+    ``log`` collects per step: the total norm and whether clipping fired (with ``s.clip``),
+    the norm of this rank's ``.grad`` shards after ``step()``, and for the overlapped side
+    whether the update ran inside backward."""
     scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in opts] if s.scheduler else []
+    log = {} if log is None else log
     losses = []
     for step in range(s.steps):
         for micro in range(s.accumulate):
@@ -178,11 +193,22 @@ def _train(s: Scenario, model: nn.Module, opts: list[Any], rank: int, reference:
             loss.backward()
             losses.append(loss.item())
             if before is not None:
-                _check_updated_in_backward(s, model, before)
+                inside = _updated_in_backward(model, before)
+                assert inside or s.clip is not None, "not updated inside backward"
+                log.setdefault("inside", []).append(inside)
         if reference and s.clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), s.clip)
+            total = torch.nn.utils.clip_grad_norm_(model.parameters(), s.clip, norm_type=s.norm_type)
+            total = total.full_tensor() if hasattr(total, "full_tensor") else total
+            log.setdefault("norms", []).append(total.item())
+            log.setdefault("fired", []).append(torch.clamp(s.clip / (total + 1e-6), max=1.0).item() < 1.0)
         for o in opts:
             o.step()
+        if not reference and s.clip is not None:
+            log.setdefault("norms", []).append(opts[0].grad_norm.item())
+            log.setdefault("fired", []).append(opts[0].clipped)
+        grads = [p.grad.to_local() for p in model.parameters() if p.grad is not None]
+        log.setdefault("grads", []).append(torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(g) for g in grads])).item() if grads else 0.0)
         for sc in scheds:
             sc.step()
         for o in opts:
@@ -190,19 +216,19 @@ def _train(s: Scenario, model: nn.Module, opts: list[Any], rank: int, reference:
     return losses
 
 
-def _check_updated_in_backward(s: Scenario, model: nn.Module, before: dict[str, torch.Tensor]) -> None:
-    """The overlap updated every group inside backward (or, deferred, none before step())."""
+def _updated_in_backward(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    """Whether the overlap updated every group inside backward; ``False`` if it updated none
+    before ``step()`` (a deferred step); anything in between fails."""
     launched = model._overlap_sgd_state.wait_updates()
     after = _shards(model)
     changed = {n: not torch.equal(after[n], before[n]) for n in after if after[n].numel()}
+    if not any(changed.values()):
+        return False
+    assert launched == len(model._overlap_sgd_state._sizes), (launched, model._overlap_sgd_state._sizes)
     trainable = {n for n, p in model.sharded.items() if p.requires_grad and "extra" not in n}
-    deferred = s.clip is not None
-    if deferred:
-        assert launched == 0 and not any(changed.values()), "updates ran before step() despite clipping"
-    else:
-        assert launched == len(model._overlap_sgd_state._sizes), (launched, model._overlap_sgd_state._sizes)
-        stale = [n for n in trainable if n in changed and not changed[n]]
-        assert not stale, f"not updated inside backward: {stale}"
+    stale = [n for n in trainable if n in changed and not changed[n]]
+    assert not stale, f"not updated inside backward: {stale}"
+    return True
 
 
 def _shards(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -228,23 +254,39 @@ def parity_body(rank: int, world: int, s: Scenario) -> dict[str, Any]:
     model = _build(s)
     initial = _shards(model)
     given = _optimizers(s, model)
-    opts = overlap_sgd.overlap(model, given[0] if len(given) == 1 else given, clip_grad_norm=s.clip,
+    clip = None if s.clip is None else ClipGradNorm(s.clip, norm_type=s.norm_type, policy=s.policy)
+    opts = overlap_sgd.overlap(model, given[0] if len(given) == 1 else given, clip_grad_norm=clip,
                                executor=s.executor)
     opts = opts if isinstance(opts, list) else [opts]
-    ref_losses = _train(s, ref, ref_opts, rank, reference=True)
-    losses = _train(s, model, opts, rank)
+    ref_log: dict[str, list[Any]] = {}
+    log: dict[str, list[Any]] = {}
+    ref_losses = _train(s, ref, ref_opts, rank, reference=True, log=ref_log)
+    losses = _train(s, model, opts, rank, log=log)
     got, want = _shards(model), _shards(ref)
-    mismatched = [n for n in want if not torch.equal(got[n], want[n])]
+    clipper = model._overlap_sgd_state.clipper
+    corrected = 0 if clipper is None else clipper.corrected_steps
+    # Bit for bit unless a clipped step was corrected; then within the scenario's rounding.
+    rtol, atol, _ = s.rounding if corrected and s.rounding else (0.0, 0.0, "")
+
+    def same(a: Any, b: Any) -> bool:
+        if not torch.is_tensor(a):
+            return a == b
+        return torch.equal(a, b) if rtol == atol == 0.0 else torch.allclose(a, b, rtol=rtol, atol=atol)
+
+    mismatched = [n for n in want if not same(got[n], want[n])]
     state_equal = all(
-        all(torch.equal(a[k][n], b[k][n]) if torch.is_tensor(a[k][n]) else a[k][n] == b[k][n]
-            for k in a for n in a[k])
-        and a.keys() == b.keys()
+        all(same(a[k][n], b[k][n]) for k in a for n in a[k]) and a.keys() == b.keys()
         for a, b in zip(_state(opts), _state(ref_opts))
     )
+    # The losses follow the parameters: equal, or as close as the rounding lets them be.
+    losses_equal = losses == ref_losses if rtol == atol == 0.0 else all(
+        math.isclose(x, y, rel_tol=10 * rtol, abs_tol=10 * atol) for x, y in zip(losses, ref_losses))
     moved = {n: not torch.equal(got[n], initial[n]) for n in got if got[n].numel()}
     moved_any = {n: bool(v) for n, v in _gather_moved(moved, model).items()}
     return dict(
-        mismatched=mismatched, state_equal=state_equal, losses_equal=losses == ref_losses,
+        name=s.name, log=log, ref_log=ref_log, corrected=corrected, rtol=rtol,
+        deferred=0 if clipper is None else clipper.deferred_steps,
+        mismatched=mismatched, state_equal=state_equal, losses_equal=losses_equal,
         moved=moved_any, finite=all(bool(torch.isfinite(t).all()) for t in got.values()),
         dtypes={type(v).__name__ for sd in (o.state_dict() for o in opts) for st in sd["state"].values()
                 for v in st.values()},
@@ -271,6 +313,199 @@ def test_parity(s: Scenario) -> None:
             unused = s.unused and "extra" in name
             assert moved == (not frozen and not unused), f"{s.name}: {name} moved={moved}"
         assert "DTensor" in r["dtypes"], f"{s.name}: state is not kept as DTensors: {r['dtypes']}"
+
+
+
+# -- global-norm clipping ----------------------------------------------------------------------
+#
+# The reference: FSDP2, torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm) on the
+# DTensor gradients after backward, then torch.optim. Three max_norm settings: never firing
+# (speculated updates are never corrected: bit for bit, norms included), always firing, and
+# firing on some steps (the model's total norm over these steps ranges about 2.7 to 7.6).
+
+NEVER, ALWAYS = 1e3, 0.5
+SOMETIMES = {2: 6.0, 3: 4.5}
+SOMETIMES_INF = {2: 3.0, 3: 2.25}
+CLIP_STEPS = 10
+#: Where a clipped step was corrected, why the result is not bit-exact.
+CORRECTED_SGD = (1e-5, 1e-6, "the correction turns the unclipped update into the clipped one with "
+                 "a few more roundings (the difference of two updates), where the reference ran the "
+                 "clipped update directly: 1e-5 relative")
+CORRECTED_ADAM = (1e-4, 5e-5, CORRECTED_SGD[2] + "; Adam's m / sqrt(v) amplifies such differences where "
+                  "a gradient element is near zero: 5e-5 absolute at lr 0.01 (0.5% of a step)")
+CLIPPED_OPTIMIZERS = {
+    "sgd-nesterov-decay": ("sgd", dict(nesterov=True, weight_decay=0.01, lr=0.02), CORRECTED_SGD),
+    "adam": ("adam", {}, CORRECTED_ADAM),
+    "adamw": ("adamw", {}, CORRECTED_ADAM),
+}
+
+
+def _clip_table(world: int, policy: str) -> list[Scenario]:
+    table = [
+        Scenario(f"{name}-{when}-{policy}", opt=opt, kw=kw, world=world, steps=CLIP_STEPS, clip=max_norm,
+                 policy=policy, rounding=rounding)
+        for name, (opt, kw, rounding) in CLIPPED_OPTIMIZERS.items()
+        for when, max_norm in (("never", NEVER), ("always", ALWAYS), ("sometimes", SOMETIMES[world]))
+    ]
+    # The inf-norm: the largest element over every rank's shards (about 0.9 to 3.6 here).
+    table.append(Scenario(f"adamw-inf-norm-{policy}", opt="adamw", world=world, steps=CLIP_STEPS,
+                          clip=SOMETIMES_INF[world],
+                          norm_type=math.inf, policy=policy, rounding=CORRECTED_ADAM))
+    return table
+
+
+def clip_body(rank: int, world: int, table: list[Scenario]) -> list[dict[str, Any]]:
+    return [parity_body(rank, world, s) for s in table]
+
+
+def _speculates(policy: str, fired: list[bool], cost: float) -> bool:
+    """Whether a step after steps that clipped as in ``fired`` speculates (the policy's rule)."""
+    if policy != "auto":
+        return policy == "speculate"
+    recent = fired[-AUTO_WINDOW:]
+    return bool(recent) and sum(recent) * cost < len(recent)
+
+
+@pytest.mark.parametrize("policy", ["auto", "speculate", "defer"])
+@pytest.mark.parametrize("world", [2, 3])
+def test_clipping_equals_clip_grad_norm_then_step(world: int, policy: str) -> None:
+    table = _clip_table(world, policy)
+    for per_rank in run_distributed(clip_body, world, table, timeout=4 * TIMEOUT):
+        for s, r in zip(table, per_rank):
+            _check_clip(s, r)
+
+
+def _check_clip(s: Scenario, r: dict[str, Any]) -> None:
+    log, ref = r["log"], r["ref_log"]
+    assert r["finite"] and all(r["moved"].values()), f"{s.name}: {r['moved']}"
+    # Clipping fired on exactly the reference's steps.
+    assert log["fired"] == ref["fired"], (s.name, log["fired"], ref["fired"])
+    fired = sum(ref["fired"])
+    assert fired == (0 if s.clip == NEVER else s.steps if s.clip == ALWAYS else fired), s.name
+    assert s.clip in (NEVER, ALWAYS) or 0 < fired < s.steps, (s.name, ref["fired"])
+    # Updates ran inside backward on exactly the steps the policy speculated.
+    # (Only optimizers with a correction rule speculate.)
+    rule = {"sgd": FunctionalSGD, "adam": FunctionalAdam, "adamw": FunctionalAdam}.get(s.opt)
+    want = [rule is not None and _speculates(s.policy, ref["fired"][:k], rule.clip_correction_cost)
+            for k in range(s.steps)]
+    assert log["inside"] == want, (s.name, log["inside"], want)
+    assert r["deferred"] == s.steps - sum(want), s.name
+    assert r["corrected"] == sum(f and w for f, w in zip(ref["fired"], want)), s.name
+    # Parameters, state, losses: bit for bit where nothing was corrected.
+    assert r["rtol"] == (0.0 if r["corrected"] == 0 else s.rounding[0]), s.name
+    assert r["mismatched"] == [], f"{s.name}: {r['mismatched']}"
+    assert r["state_equal"] and r["losses_equal"], s.name
+    # The total norm, and .grad clipped after step() as clip_grad_norm_ leaves it.
+    for key in ("norms", "grads"):
+        if r["corrected"] == 0:
+            assert log[key] == ref[key], (s.name, key, log[key], ref[key])
+        else:
+            assert log[key] == pytest.approx(ref[key], rel=10 * s.rounding[0]), (s.name, key)
+
+
+@pytest.mark.parametrize("opt", ["adagrad", "rmsprop", "lion"])
+def test_optimizers_without_a_correction_clip_deferred(opt: str) -> None:
+    # No correction rule (Lion takes the generic path): every step waits for the norm, then
+    # the same kernel runs on the same clipped gradients, bit for bit.
+    s = Scenario(f"{opt}-always-speculate", opt=opt, steps=4, clip=ALWAYS, policy="speculate")
+    for r in run_distributed(parity_body, 2, s, timeout=TIMEOUT):
+        _check_clip(s, r)
+        assert r["deferred"] == s.steps and r["corrected"] == 0
+
+
+def _broken_clip_body(rank: int, world: int, s: Scenario, breakage: str) -> dict[str, Any]:
+    from types import SimpleNamespace
+
+    from overlap_sgd.hooks import norm_clip
+
+    if breakage == "adam-correction-dropped":
+        FunctionalAdam.correct_clip = lambda self, *args, **kw: None
+    elif breakage == "local-norm-only":  # this rank's shards only, never reduced over the ranks
+        norm_clip.dist = SimpleNamespace(all_reduce=lambda *args, **kw: None, ReduceOp=dist.ReduceOp)
+    elif breakage == "sgd-forgets-new-momentum-buffers":
+        right = FunctionalSGD.correct_clip
+        FunctionalSGD.correct_clip = lambda self, gi, p, g, c, before=None, keys=None: right(self, gi, p, g, c, None)
+    return parity_body(rank, world, s)
+
+
+@pytest.mark.parametrize("breakage, opt, kw, clip", [
+    ("adam-correction-dropped", "adamw", {}, SOMETIMES[2]),
+    ("local-norm-only", "sgd", {}, ALWAYS),
+    # A buffer created by the step takes the whole gradient, a running one (1 - dampening) of it.
+    ("sgd-forgets-new-momentum-buffers", "sgd", dict(dampening=0.3), ALWAYS),
+])
+def test_a_wrong_correction_or_norm_fails_the_parity(breakage: str, opt: str, kw: dict, clip: float) -> None:
+    s = Scenario(f"broken-{breakage}", opt=opt, kw=kw, steps=CLIP_STEPS, clip=clip, policy="speculate",
+                 rounding=CORRECTED_ADAM if opt == "adamw" else CORRECTED_SGD)
+    for r in run_distributed(_broken_clip_body, 2, s, breakage, timeout=TIMEOUT):
+        with pytest.raises(AssertionError):
+            _check_clip(s, r)
+
+
+def clip_api_body(rank: int, world: int) -> dict[str, Any]:
+    import warnings
+
+    out: dict[str, Any] = {}
+    x, y = _data(0, rank)
+    # clip_grad_norm_() in place of torch's, grad_norm, clipped, .grad left clipped.
+    model = _build(Scenario("api"))
+    opt = overlap_sgd.overlap(model, OPTIMIZERS["adamw"](model.parameters()),
+                              clip_grad_norm=ClipGradNorm(ALWAYS, policy="speculate"))
+    F.mse_loss(model(x), y).backward()
+    norm = opt.clip_grad_norm_(ALWAYS)
+    opt.step()
+    out.update(norm=norm.item(), grad_norm=opt.grad_norm.item(), clipped=opt.clipped,
+               after=torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).full_tensor().item())
+
+    # error_if_nonfinite: torch's error from step(), no parameter moved (the step deferred).
+    model = _build(Scenario("api"))
+    opt = overlap_sgd.overlap(model, OPTIMIZERS["adamw"](model.parameters()),
+                              clip_grad_norm=ClipGradNorm(1.0, error_if_nonfinite=True, policy="speculate"))
+    before = _shards(model)
+    (F.mse_loss(model(x), y) * float("inf")).backward()
+    try:
+        opt.step()
+    except RuntimeError as exc:
+        out["nonfinite"] = str(exc)
+    out["nonfinite_untouched"] = all(torch.equal(a, b) for a, b in zip(before.values(), _shards(model).values()))
+
+    # check_finite: inf in one rank's shard; with clipping no parameter moves on any rank.
+    model = _build(Scenario("api"))
+    opt = overlap_sgd.overlap(model, OPTIMIZERS["sgd"](model.parameters()), check_finite=True,
+                              clip_grad_norm=ClipGradNorm(1.0, policy="speculate"))
+    F.mse_loss(model(x), y).backward()
+    if rank == 0:
+        model.sharded["blocks.1.fc.weight"].grad.to_local().view(-1)[0] = float("inf")
+    before = _shards(model)
+    try:
+        opt.step()
+    except overlap_sgd.hooks.NonFiniteGradientError as exc:
+        out["check_finite"] = exc.names
+    out["check_finite_untouched"] = all(torch.equal(a, b) for a, b in zip(before.values(), _shards(model).values()))
+    opt.zero_grad()
+    F.mse_loss(model(x), y).backward()  # and training goes on
+    opt.step()
+    out["check_finite_moved"] = not all(torch.equal(a, b) for a, b in zip(before.values(), _shards(model).values()))
+
+    # An optimizer without a correction is warned about once.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            model = _build(Scenario("api"))
+            overlap_sgd.overlap(model, OPTIMIZERS["adagrad"](model.parameters()), clip_grad_norm=1.0)
+    out["warnings"] = [str(w.message) for w in caught if "no clipping correction" in str(w.message)]
+    return out
+
+
+def test_clip_grad_norm_method_and_non_finite_gradients() -> None:
+    for r in run_distributed(clip_api_body, 2, timeout=TIMEOUT):
+        assert r["norm"] == r["grad_norm"] > ALWAYS and r["clipped"]
+        assert r["after"] == pytest.approx(ALWAYS, rel=1e-4)  # .grad holds the clipped gradients
+        assert "non-finite" in r["nonfinite"] and r["nonfinite_untouched"]
+        assert r["check_finite"] and "blocks.1.fc.weight" in r["check_finite"], r["check_finite"]
+        assert r["check_finite_untouched"] and r["check_finite_moved"]
+        assert len(r["warnings"]) == 1 and "Adagrad has no clipping correction" in r["warnings"][0]
+
 
 
 class SlowLion(Lion):
@@ -549,7 +784,6 @@ def refusals_body(rank: int, world: int) -> dict[str, str]:
         "clip_grad_value": lambda: plain(clip_grad_value=1.0),
         "clip_grad_norm_per_param": lambda: plain(clip_grad_norm_per_param=1.0),
         "check_consistency_every": lambda: plain(check_consistency_every=10),
-        "speculate": lambda: plain(clip_grad_norm=ClipGradNorm(1.0, policy="speculate")),
     }
     out = {name: _refusal(make) for name, make in cases.items()}
 
@@ -576,7 +810,6 @@ REFUSED = {
     "clip_grad_value": "clip_grad_norm=max_norm",
     "clip_grad_norm_per_param": "clip_grad_norm=max_norm",
     "check_consistency_every": "different shards",
-    "speculate": "policy='auto' or 'defer'",
     "backward-twice": "set_requires_gradient_sync(False)",
 }
 

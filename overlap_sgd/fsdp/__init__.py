@@ -57,11 +57,26 @@ updates go to a worker thread (:class:`~overlap_sgd.hooks.executor.ThreadExecuto
 once rather than held until backward ends) and run while backward goes on; ``step()`` waits for
 them and re-raises their errors, and the root's forward pre-hook waits too.
 
-**Clipping and ``check_finite``.** ``clip_grad_norm`` is exact: the updates of that step wait
-for ``step()``, which calls ``torch.nn.utils.clip_grad_norm_(model.parameters(), ...)`` on the
-DTensor gradients, as the post-backward loop would, and then runs them (the ``"defer"``
-policy; ``"speculate"`` is refused). ``check_finite`` also waits for ``step()``: one rank's shard
-may hold inf where another's does not, and the ranks agree on the verdict with one all-reduce.
+**Clipping and ``check_finite``.** ``clip_grad_norm`` is exact and keeps the overlap, as for DDP
+(:mod:`overlap_sgd.hooks.norm_clip`): on a step that speculates, each group is updated as it
+lands with its unclipped gradients, after the norms of its local shards were taken on the
+device (``torch._foreach_norm``, no host synchronisation) and what the optimizer's correction
+needs was kept. ``step()`` reduces the norms over the ranks with one all-reduce (each
+parameter's ``p``-th power summed, the maximum for the inf-norm), reads the total norm once,
+and where it exceeds ``max_norm`` corrects every group's update on the local shards
+(:meth:`~overlap_sgd.functional.FunctionalOptimizer.correct_clip`) and scales ``.grad`` as
+``clip_grad_norm_`` does. The total is what ``clip_grad_norm_(model.parameters(), ...)``
+computes on the DTensor gradients, which reduces each parameter's norm over the ranks
+(DTensor's ``_NormPartial``: ``x**p``, sum, ``**(1/p)``) before combining them in parameter
+order (torch 2.9 combines each rank's norms first and reduces the result: followed there):
+bit for bit on CPU; on CUDA the multi-tensor norm kernel may round a parameter's
+norm unlike the per-tensor one torch runs on DTensors, and NCCL may add the ranks in another
+order, so there it agrees within rounding. On a step that defers (the ``"auto"`` policy's
+first step and steps after frequent clipping, ``"defer"``, ``error_if_nonfinite=True``,
+``check_finite``, and every step of optimizers without a correction) the groups wait for
+``step()``, which clips the gradients and runs their updates, as the post-backward loop would.
+``check_finite`` waits for ``step()``: one rank's shard may hold inf where another's does not,
+and the ranks agree on the verdict with one all-reduce.
 
 What is refused, with what to use instead: HSDP and any mesh of more than one dimension
 (tensor parallel included), ``replicate()``, ``CPUOffloadPolicy``, ``shard=True`` (FSDP already
@@ -135,11 +150,6 @@ def overlap_fsdp(
     if clip_grad_norm is not None and not isinstance(clip_grad_norm, ClipGradNorm):
         check_max_norm(clip_grad_norm, "clip_grad_norm")
     norm_clip = ClipGradNorm.of(clip_grad_norm)
-    if norm_clip is not None and norm_clip.policy == "speculate":
-        raise ValueError(
-            "clip_grad_norm with policy='speculate' is not available with FSDP2: its updates wait "
-            "for the global norm in step(); use policy='auto' or 'defer'"
-        )
     if getattr(model, STATE_ATTR, None) is not None:
         raise RuntimeError("overlap() was already called on this FSDP model")
     names = {id(p): n for n, p in model.named_parameters()}

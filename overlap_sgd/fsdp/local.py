@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -68,10 +68,48 @@ class LocalUpdate:
         with torch.no_grad():
             self._update(group_index, params, grads)
 
+    # -- global-norm clipping (:class:`~overlap_sgd.hooks.norm_clip.GlobalClipper` calls these
+    # as it calls a functional optimizer's, with the DTensor parameters and gradients) ---------
+
+    def update(
+        self, group_index: int, params: Sequence[Tensor], grads: Sequence[Tensor], cache: Any = None,
+    ) -> None:
+        """The update, as :meth:`FunctionalOptimizer.update` is called (``cache`` unused)."""
+        self(group_index, params, grads)
+
+    def corrects_clip(self, group_index: int) -> bool:
+        """Whether the optimizer has a clipping correction for the group (never on the
+        generic path, whose step runs on the DTensors)."""
+        return not self.on_dtensors and self.functional.corrects_clip(group_index)
+
+    def before_speculation(
+        self, group_index: int, params: Sequence[Tensor], cache: Any = None, keys: Any = None,
+    ) -> Any:
+        """What the correction needs of the state before the speculative update (the state
+        is keyed by the DTensor parameters: asked of the optimizer itself)."""
+        return self.functional.before_speculation(group_index, list(params), None, None)
+
+    def correct_clip(
+        self, group_index: int, params: Sequence[Tensor], grads: Sequence[Tensor], coef: float,
+        before: Any = None, keys: Any = None,
+    ) -> None:
+        """Turn the speculative update of ``params`` into the one with ``coef * grads``, on
+        the local shards of the parameters and state, in place."""
+        with torch.no_grad():
+            self._on_shards(params, grads, lambda f, ps, gs: f.correct_clip(group_index, ps, gs, coef, before))
+
     def _update(self, group_index: int, params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
         if self.on_dtensors:
             self.functional.update(group_index, list(params), list(grads))
             return
+        self._on_shards(params, grads, lambda f, ps, gs: f.update(group_index, ps, gs))
+
+    def _on_shards(
+        self, params: Sequence[Tensor], grads: Sequence[Tensor],
+        run: Callable[[FunctionalOptimizer, list[Tensor], list[Tensor]], None],
+    ) -> None:
+        """``run(functional, local params, local grads)`` with the functional seeing the
+        state of the local shards; state tensors it creates or replaces are kept as DTensors."""
         f = self.functional
         state = f.state
         locals_ = [local_of(p) for p in params]
@@ -87,7 +125,7 @@ class LocalUpdate:
                 given.append(shown)
             else:
                 given.append({})
-        _shadow(f, view).update(group_index, locals_, local_grads)
+        run(_shadow(f, view), locals_, local_grads)
         for p, lp, before in zip(params, locals_, given):
             after = view.get(lp)
             if not after:

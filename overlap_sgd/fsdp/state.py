@@ -7,9 +7,12 @@ parameters got no gradient, when the next group's first parameter arrives or bac
 A complete group is handed to the executor as one update: per optimizer param group, one
 kernel call over the local shards (:class:`~overlap_sgd.fsdp.local.LocalUpdate`).
 
-With global-norm clipping or ``check_finite`` the groups are only recorded, and ``step()``
-runs their updates once the verdict over all ranks is known (one collective), exactly as a
-post-backward step would.
+With global-norm clipping (:class:`~overlap_sgd.hooks.norm_clip.GlobalClipper`) a step that
+speculates updates each group as it lands with the unclipped gradients and keeps the norms of
+its local shards; ``step()`` reduces them over the ranks (one collective) and, where clipping
+fires, corrects every group's update. A step that defers (the policy's choice, or
+``check_finite``) only records the groups, and ``step()`` runs their updates once the verdict
+over all ranks is known (one collective), exactly as a post-backward step would.
 """
 
 from __future__ import annotations
@@ -27,12 +30,12 @@ from torch.futures import Future
 from ..functional import FunctionalOptimizer
 from ..hooks.executor import Executor, InlineExecutor, ThreadExecutor, make_executor
 from ..hooks.finite import NonFiniteGradientError
-from ..hooks.norm_clip import ClipGradNorm
+from ..hooks.norm_clip import ClipGradNorm, GlobalClipper
 from ..hooks.steps import StepLedger
 from .groups import fsdp_groups
 from .local import LocalUpdate, local_of
 
-__all__ = ["FSDPClip", "FSDPOverlapState", "fsdp_executor"]
+__all__ = ["FSDPOverlapState", "fsdp_executor"]
 
 
 def fsdp_executor(kind: str | Executor, device: torch.device) -> Executor:
@@ -48,43 +51,6 @@ def fsdp_executor(kind: str | Executor, device: torch.device) -> Executor:
             "every later reduce-scatter behind them; use executor='stream' (the default on CUDA)"
         )
     return make_executor(kind, device)
-
-
-class FSDPClip:
-    """Global-norm clipping over all ranks' shards, settled in ``step()`` (see the module docs).
-
-    Attributes:
-        options: the :class:`~overlap_sgd.hooks.norm_clip.ClipGradNorm` options.
-        total_norm: the last settled step's total norm (a 0-dim tensor), or ``None``.
-    """
-
-    def __init__(self, options: ClipGradNorm):
-        self.options = options
-        self.norm_type = options.norm_type
-        self.total_norm: Tensor | None = None
-        self._max_norm = options.max_norm
-
-    @property
-    def clipped(self) -> bool:
-        """Whether the last settled step's gradients were scaled down."""
-        if self.total_norm is None:
-            return False
-        return bool(self._max_norm / (float(self.total_norm) + 1e-6) < 1.0)
-
-    def clip(self, model: nn.Module, max_norm: float | None) -> Tensor:
-        """``clip_grad_norm_`` over ``model.parameters()``, as a post-backward loop calls it."""
-        self._max_norm = self.options.max_norm if max_norm is None else max_norm
-        self.total_norm = torch.nn.utils.clip_grad_norm_(
-            model.parameters(), self._max_norm, norm_type=self.norm_type,
-            error_if_nonfinite=self.options.error_if_nonfinite,
-        )
-        return self.total_norm
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
 
 class _Arrival:
@@ -130,9 +96,13 @@ class FSDPOverlapState:
         self.device = local_of(first).device
         self.process_group = first.device_mesh.get_group()
         self.check_finite = check_finite
-        self.clipper = FSDPClip(norm_clip) if norm_clip is not None else None
-        #: Updates wait for ``step()`` (clipping or the finite check need every group first).
-        self.defer = self.check_finite or self.clipper is not None
+        #: Global-norm clipping over every rank's shards, or ``None``.
+        self.clipper: GlobalClipper | None = None
+        if norm_clip is not None:
+            self.clipper = GlobalClipper(
+                norm_clip, list(model.parameters()), self.optimizers, self.process_group,
+                force_defer=check_finite,
+            )
         self.ledger = StepLedger(len(self.optimizers), require_step=True)
         self.grad_views = False
         self.wrapped: list[Any] = []
@@ -227,6 +197,8 @@ class FSDPOverlapState:
                 "model.set_requires_gradient_sync(False) for gradient-accumulation micro-steps."
             )
         self.ledger.begin()
+        if self.clipper is not None:
+            self.clipper.begin()
         self._in_backward = True
         self._pending = True
         torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
@@ -237,13 +209,16 @@ class FSDPOverlapState:
         params = arrival.params
         grads = [p.grad for p in params]
         self._updated.update(id(p) for p in params)
-        if self.defer:
-            self._deferred.append((arrival.index, params, grads))
+        clipper = self.clipper
+        if clipper.deferring if clipper is not None else self.check_finite:
+            self._deferred.append((arrival.index, params, grads))  # waits for step()
             return
 
         def update(_landed: Tensor, _flags: Any) -> None:
             try:
-                self._apply(params, grads, on_side=self._side is not None)
+                if clipper is not None:  # speculating: the norms first, then the update
+                    self._observe(params, grads)
+                self._apply(params, grads, on_side=self._side is not None, clipper=clipper)
             except BaseException as exc:
                 self._errors.append(exc)  # re-raised by step() as it is (a future wraps it)
                 raise
@@ -264,8 +239,18 @@ class FSDPOverlapState:
             # Whatever runs after backward on the caller's stream follows the updates.
             torch.cuda.current_stream(self.device).wait_stream(self._side)
 
-    def _apply(self, params: Sequence[Tensor], grads: Sequence[Tensor | None], on_side: bool = False) -> None:
-        """Update ``params``: one kernel call per optimizer param group they belong to."""
+    def _observe(self, params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> None:
+        """Hand the norms of this rank's shards of ``grads`` to the clipper."""
+        assert self.clipper is not None
+        pairs = [(p, local_of(g)) for p, g in zip(params, grads) if g is not None]
+        self.clipper.observe_shards([p for p, _ in pairs], [g for _, g in pairs])
+
+    def _apply(
+        self, params: Sequence[Tensor], grads: Sequence[Tensor | None], on_side: bool = False,
+        clipper: GlobalClipper | None = None,
+    ) -> None:
+        """Update ``params``: one kernel call per optimizer param group they belong to
+        (through ``clipper``, which runs it speculatively or keeps it for ``step()``)."""
         split: dict[tuple[int, int], tuple[list[Tensor], list[Tensor]]] = {}
         for p, g in zip(params, grads):
             if g is None:
@@ -282,7 +267,10 @@ class FSDPOverlapState:
                 stream = torch.cuda.current_stream(self.device)
                 for g in gs:  # allocated on FSDP's stream: not reused before this update ran
                     local_of(g).record_stream(stream)
-            self.updates[i](gi, ps, gs)
+            if clipper is not None:
+                clipper.update(self.updates[i], gi, ps, gs)
+            else:
+                self.updates[i](gi, ps, gs)
 
     def _before_forward(self, _module: nn.Module, _args: Any) -> None:
         """The model's first forward pre-hook: nothing reads a parameter still being updated."""
@@ -343,15 +331,31 @@ class FSDPOverlapState:
         if left:  # set before this backward and not since (no zero_grad): torch.optim steps them
             work.append((-1, left, [p.grad for p in left]))
         bad = self._non_finite(work) if self.check_finite else set()
-        if self.clipper is not None and not bad:
-            self.clipper.clip(self.model, max_norm)
-        if not (bad and self.clipper is not None):  # else the norm is not finite: nothing moves
+        if bad and self.clipper is not None:
+            self.clipper.discard()  # the norm is not finite: nothing moves
+        elif self.clipper is not None:
+            self._settle_clipped(work, max_norm)
+        else:
             for index, params, grads in work:
                 if index not in bad:
                     self._apply(params, grads)
         if bad:
             names = [self.names.get(id(p), "?") for index, params, _ in work if index in bad for p in params]
             raise NonFiniteGradientError(names, min(bad))
+
+    def _settle_clipped(self, work: list[tuple[int, list[Tensor], list[Tensor | None]]], max_norm: float | None) -> None:
+        """The clipped step: the norms not taken in backward (deferred groups, gradients left
+        from before it, parameters no optimizer holds: ``clip_grad_norm_`` counts all of
+        ``model.parameters()``), their updates handed to the clipper, then its settle: one
+        all-reduce, one read, the corrections or the deferred updates."""
+        clipper = self.clipper
+        assert clipper is not None
+        unheld = [p for p in self.model.parameters() if p.grad is not None and id(p) not in self._owner]
+        for _, params, grads in work + [(-1, unheld, [p.grad for p in unheld])]:
+            self._observe(params, grads)
+        for _, params, grads in work:
+            self._apply(params, grads, clipper=clipper)
+        clipper.settle(max_norm)
 
     def _non_finite(self, work: list[tuple[int, list[Tensor], list[Tensor | None]]]) -> set[int]:
         """The groups of ``work`` whose gradients hold inf/NaN on any rank (one all-reduce)."""

@@ -32,7 +32,15 @@ The norm: in unsharded training each rank has every averaged gradient, and the p
 norms are combined in ``model.parameters()`` order exactly as ``clip_grad_norm_`` combines
 them, so the total norm is bit-identical to it. In sharded training each rank holds pieces:
 their ``p``-th powers are summed over the ranks with one all-reduce in ``step()``, equal
-within rounding.
+within rounding. FSDP2 (:meth:`GlobalClipper.observe_shards`) has a shard of every gradient on
+every rank and torch reduces DTensor norms per parameter: each parameter's local norm is raised
+to the ``p``-th power, the vector of them summed over the ranks with one all-reduce (``MAX`` for
+the inf-norm), each root taken, and the roots combined in ``model.parameters()`` order, which
+is what ``clip_grad_norm_`` computes on the DTensor gradients (their ``_NormPartial``
+reduction) in torch 2.13, bit for bit where the collective sums the ranks in the same order.
+Torch 2.9 combines each rank's norms first and reduces that partial norm, adding
+``clip_grad_norm_``'s ``1e-6`` before the reduction; on releases before 2.13 that order is
+followed (the denominator reduced in the same all-reduce).
 
 Example:
     >>> ClipGradNorm(1.0).policy
@@ -57,7 +65,20 @@ from torch import Tensor
 
 from ..functional.base import divide
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a build without distributed support: no DTensor gradients either
+
+    class DTensor:  # type: ignore[no-redef]
+        pass
+
 __all__ = ["AUTO_WINDOW", "POLICIES", "ClipGradNorm", "GlobalClipper"]
+
+#: Whether ``clip_grad_norm_`` on DTensor gradients reduces each parameter's norm over the
+#: ranks before combining them (torch 2.13; checked there and on 2.9.1, which combines this
+#: rank's norms first and reduces that partial norm, ``+ 1e-6`` included). Either way the
+#: totals agree within rounding; this picks the order that makes them bit-identical.
+_DTENSOR_NORMS_PER_PARAMETER = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
 
 #: The clipping policies: see the module docs.
 POLICIES = ("auto", "speculate", "defer")
@@ -166,6 +187,9 @@ class _Step:
     whole: list[tuple[int, Tensor]] = field(default_factory=list)
     #: Norms of gradient pieces this rank holds (sharded training).
     pieces: list[Tensor] = field(default_factory=list)
+    #: (model-order index, norm) of this rank's shard of gradients every rank holds a shard
+    #: of (FSDP2), reduced per parameter over the ranks.
+    shards: list[tuple[int, Tensor]] = field(default_factory=list)
     #: (bucket index, callback) run after the corrections or deferred updates (sharded
     #: training: gather the updated pieces to every rank), in bucket order.
     after: list[tuple[int, Callable[[], None]]] = field(default_factory=list)
@@ -260,6 +284,11 @@ class GlobalClipper:
         self._step = None
 
     @property
+    def deferring(self) -> bool:
+        """Whether the updates of the backward under way wait for ``step()``."""
+        return self._step is not None and self._step.deferring
+
+    @property
     def pending(self) -> bool:
         """A synchronising backward ran whose clipping ``step()`` has not settled yet."""
         return self._step is not None
@@ -308,6 +337,18 @@ class GlobalClipper:
         norms = torch._foreach_norm(list(grads), self.norm_type)
         with self._lock:
             step.pieces.extend(norms)
+
+    def observe_shards(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+        """This rank's shards ``grads`` (plain local tensors) of the gradients of ``params``,
+        of which every rank holds a shard (FSDP2): their norms are reduced per parameter over
+        the ranks in ``step()``, as torch reduces DTensor norms."""
+        step = self._step
+        if step is None or not grads:
+            return
+        norms = torch._foreach_norm(list(grads), self.norm_type)
+        pairs = [(self.order.get(id(p), -1), n) for p, n in zip(params, norms)]
+        with self._lock:
+            step.shards.extend(pairs)
 
     def after_settle(self, bucket: int, callback: Callable[[], None]) -> None:
         """Run ``callback`` once the step's corrections or deferred updates have run."""
@@ -360,8 +401,8 @@ class GlobalClipper:
         if step is None:
             return self.total_norm
         max_norm = self.options.max_norm if max_norm is None else max_norm
-        total = self._total(step)
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        total, denominator = self._total(step)
+        coef = torch.clamp(max_norm / denominator, max=1.0)
         # The step's one read on the host: the norm and the coefficient together.
         norm_value, value = torch.stack([total.detach().float(), coef.detach().float()]).tolist()
         if not math.isfinite(norm_value) and self.skip_nonfinite:
@@ -392,7 +433,7 @@ class GlobalClipper:
         self.total_norm, self.clipped = total, fired
         self.clipped_steps += fired
         self.deferred_steps += self._any_deferred(step)
-        self.corrected_steps += fired and not step.deferring
+        self.corrected_steps += fired and any(not e.deferred for e in step.entries)
         return total
 
     def _any_deferred(self, step: _Step) -> bool:
@@ -403,9 +444,17 @@ class GlobalClipper:
             f.corrects_clip(gi) for f in self.optimizers for gi in range(len(f.param_groups))
         )
 
-    def _total(self, step: _Step) -> Tensor:
+    def _total(self, step: _Step) -> tuple[Tensor, Tensor]:
+        """The total norm, and what ``clip_grad_norm_`` divides ``max_norm`` by (the norm
+        plus ``1e-6``)."""
+        if step.shards and not _DTENSOR_NORMS_PER_PARAMETER:
+            return self._reduce_shards_once(step)
+        total = self._total_norm(step)
+        return total, total + 1e-6
+
+    def _total_norm(self, step: _Step) -> Tensor:
         p = self.norm_type
-        whole = [n for _, n in sorted(step.whole, key=lambda pair: pair[0])]
+        whole = [n for _, n in sorted(step.whole + self._reduce_shards(step), key=lambda pair: pair[0])]
         device = self.params[0].device if self.params else torch.device("cpu")
         if not self.sharded:
             if not whole:
@@ -426,6 +475,42 @@ class GlobalClipper:
             power = power + torch.stack([n.to(device, torch.float32) for n in whole]).pow(p).sum()
         return power.pow(1.0 / p)
 
+    def _reduce_shards(self, step: _Step) -> list[tuple[int, Tensor]]:
+        """(model-order index, norm over all ranks) of each parameter of ``step.shards``: one
+        all-reduce of the vector of local norms (their ``p``-th powers summed, or the
+        maximum), as DTensor's ``_NormPartial`` reduces each norm (``x**p``, sum, ``**(1/p)``).
+        Every rank holds a shard of the same parameters' gradients, so the vectors agree in
+        length and order."""
+        if not step.shards:
+            return []
+        pairs = sorted(step.shards, key=lambda pair: pair[0])
+        norms = torch.stack([n.to(pairs[0][1].device) for _, n in pairs])
+        p = self.norm_type
+        if p == math.inf:
+            dist.all_reduce(norms, op=dist.ReduceOp.MAX, group=self.process_group)
+        else:
+            norms = norms**p
+            dist.all_reduce(norms, group=self.process_group)
+            norms = norms ** (1.0 / p)
+        return [(i, n) for (i, _), n in zip(pairs, norms.unbind())]
+
+    def _reduce_shards_once(self, step: _Step) -> tuple[Tensor, Tensor]:
+        """:meth:`_total` of ``step.shards`` as torch 2.9 reduces DTensor norms: this rank's
+        norms combined first (in ``model.parameters()`` order), then that one partial norm
+        reduced over the ranks (``x**p``, sum, ``**(1/p)``, or the maximum); ``clip_grad_norm_``
+        adds its ``1e-6`` to the partial norm, before the reduction, so the denominator is
+        reduced alongside it (one all-reduce of both)."""
+        norms = [n for _, n in sorted(step.shards, key=lambda pair: pair[0])]
+        p = self.norm_type
+        local = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), p)
+        if p == math.inf:  # the maximum commutes with adding 1e-6
+            dist.all_reduce(local, op=dist.ReduceOp.MAX, group=self.process_group)
+            return local, local + 1e-6
+        both = torch.stack([local, local + 1e-6]) ** p
+        dist.all_reduce(both, group=self.process_group)
+        total, denominator = (both ** (1.0 / p)).unbind()
+        return total, denominator
+
     def _scale_grads(self, step: _Step, coef: Tensor) -> None:
         """Leave ``.grad`` (and the bucket gradients the updates read) clipped, as
         ``clip_grad_norm_`` leaves ``.grad``: each distinct memory scaled once."""
@@ -435,6 +520,8 @@ class GlobalClipper:
         for t in [p.grad for p in self.params] + [g for e in step.entries for g in e.grads]:
             if t is None or t.is_sparse:
                 continue
+            if isinstance(t, DTensor):
+                t = t.to_local()  # FSDP2: this rank's shard (a view), scaled in place
             storage = t.untyped_storage().data_ptr()
             lo = t.data_ptr()
             hi = lo + t.numel() * t.element_size()
