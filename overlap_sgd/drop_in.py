@@ -15,7 +15,7 @@ from .attached import STATE_ATTR, overlapped_optimizers, trainable_parameters, u
 from .fsdp import is_fsdp, overlap_fsdp
 from .hooks import Executor, OverlapHookState, make_executor, overlap_hook
 from .hooks.norm_clip import ClipGradNorm
-from .optimizer import OverlappedOptimizer
+from .optimizer import OverlappedOptimizer, unwrap_optimizers
 from .options import OverlapOptions
 from .registry import Registration, default_hook_factory, resolve
 from .sharding import register_sharded
@@ -125,16 +125,16 @@ def overlap(
             opt.zero_grad()
     """
     if is_fsdp(uncompiled(ddp_model)):  # a fully_shard model: see overlap_sgd.fsdp
-        return overlap_fsdp(
-            uncompiled(ddp_model), optimizer, comm_hook, comm_state, executor=executor,
-            check_finite=check_finite, clip_grad_value=clip_grad_value, clip_grad_norm=clip_grad_norm,
+        return overlap_fsdp(uncompiled(ddp_model), optimizer, OverlapOptions(
+            comm_hook=comm_hook, comm_state=comm_state, executor=executor, check_finite=check_finite,
+            clip_grad_value=clip_grad_value, clip_grad_norm=clip_grad_norm,
             clip_grad_norm_per_param=clip_grad_norm_per_param,
-            check_consistency_every=check_consistency_every, slice_mb=slice_mb, grad_views=grad_views,
-            shard=shard,
-        )
+            check_consistency_every=check_consistency_every, slice_mb=slice_mb,
+            grad_views=grad_views, shard=shard,
+        ))
     ddp_model = _checked_model(ddp_model)
     single = not isinstance(optimizer, (list, tuple))
-    outer, optimizers = _unwrapped_optimizers(optimizer)
+    outer, optimizers = unwrap_optimizers(optimizer)
     options = OverlapOptions(
         comm_hook=comm_hook, comm_state=comm_state, executor=executor, check_finite=check_finite,
         clip_grad_value=clip_grad_value, clip_grad_norm=clip_grad_norm,
@@ -199,22 +199,6 @@ def _checked_model(ddp_model: Any) -> DistributedDataParallel:
             "optimize_ddp=True, which compiles with graph breaks at bucket boundaries"
         )
     return ddp_model
-
-
-def _unwrapped_optimizers(optimizer: Any) -> tuple[list[Any], list[Optimizer]]:
-    """The optimizers as passed (a list) and the torch optimizers inside them (Accelerate's)."""
-    outer = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
-    if not outer:
-        raise ValueError("overlap() got an empty list of optimizers")
-    optimizers = [accelerated.unwrap(o) if accelerated.is_accelerated(o) else o for o in outer]
-    for i, opt in enumerate(optimizers):
-        if isinstance(opt, OverlappedOptimizer):
-            raise TypeError(f"optimizer {i} is already an OverlappedOptimizer")
-        if not isinstance(opt, Optimizer):
-            raise TypeError(
-                f"optimizer {i} must be a torch.optim.Optimizer, got {type(opt).__name__}"
-            )
-    return outer, optimizers
 
 
 def _check_fresh(ddp_model: DistributedDataParallel) -> None:

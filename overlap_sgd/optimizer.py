@@ -17,12 +17,13 @@ from typing import Any
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import accelerated
 from .consistency import check_consistency
 from .hooks import OverlapHookState
 from .hooks.norm_clip import ClipGradNorm, check_max_norm
 from .sharding import full_state_dict, load_full_state_dict
 
-__all__ = ["OverlappedOptimizer"]
+__all__ = ["OverlappedOptimizer", "unwrap_optimizers"]
 
 _SHARED_HOOK_DICTS = (
     "_optimizer_step_pre_hooks",
@@ -285,3 +286,23 @@ class OverlappedOptimizer(Optimizer):
 
     def __repr__(self) -> str:
         return f"OverlappedOptimizer({self._optimizer!r})"
+
+
+def unwrap_optimizers(optimizer: Any) -> tuple[list[Any], list[Optimizer]]:
+    """The optimizers given to :func:`~overlap_sgd.overlap` as a list, and the torch optimizers
+    inside them (an Accelerate ``AcceleratedOptimizer`` holds one).
+
+    Raises:
+        ValueError: an empty list.
+        TypeError: one is not a ``torch.optim.Optimizer``, or is overlapped already.
+    """
+    outer = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+    if not outer:
+        raise ValueError("overlap() got an empty list of optimizers")
+    optimizers = [accelerated.unwrap(o) if accelerated.is_accelerated(o) else o for o in outer]
+    for i, opt in enumerate(optimizers):
+        if isinstance(opt, OverlappedOptimizer):
+            raise TypeError(f"optimizer {i} is already an OverlappedOptimizer")
+        if not isinstance(opt, Optimizer):
+            raise TypeError(f"optimizer {i} must be a torch.optim.Optimizer, got {type(opt).__name__}")
+    return outer, optimizers

@@ -95,9 +95,8 @@ from torch.optim import Optimizer
 
 from .. import accelerated
 from ..attached import STATE_ATTR
-from ..hooks.executor import Executor
-from ..hooks.norm_clip import ClipGradNorm, check_max_norm
-from ..optimizer import OverlappedOptimizer
+from ..optimizer import OverlappedOptimizer, unwrap_optimizers
+from ..options import OverlapOptions
 from ..registry import lookup, resolve
 from .groups import check_fsdp, fsdp_groups, is_fsdp
 from .state import FSDPOverlapState
@@ -105,51 +104,22 @@ from .state import FSDPOverlapState
 __all__ = ["FSDPOverlapState", "fsdp_groups", "is_fsdp", "overlap_fsdp"]
 
 
-
-
 def overlap_fsdp(
     model: nn.Module,
     optimizer: Optimizer | Sequence[Optimizer],
-    comm_hook: Any = None,
-    comm_state: Any = None,
-    *,
-    executor: str | Executor = "auto",
-    check_finite: bool | str = False,
-    clip_grad_value: float | None = None,
-    clip_grad_norm: float | ClipGradNorm | None = None,
-    clip_grad_norm_per_param: float | None = None,
-    check_consistency_every: int = 0,
-    slice_mb: float | str | None = "auto",
-    grad_views: bool = True,
-    shard: bool = False,
+    options: OverlapOptions | None = None,
 ) -> Any:
-    """:func:`overlap_sgd.overlap` for a ``fully_shard`` root module; see the module docs.
+    """:func:`overlap_sgd.overlap` for a ``fully_shard`` root module (which dispatches here);
+    see the module docs.
 
-    Takes :func:`~overlap_sgd.overlap`'s arguments (``grad_views`` is ignored: FSDP's
-    gradients are its own tensors) and raises ``ValueError``, before anything is touched, for
-    those it cannot honour.
+    ``options``: :func:`~overlap_sgd.overlap`'s keyword options (``grad_views`` is ignored:
+    FSDP's gradients are its own tensors). Raises ``ValueError``, before anything is touched,
+    for those it cannot honour.
     """
+    options = OverlapOptions() if options is None else options
     single = not isinstance(optimizer, (list, tuple))
-    outer = [optimizer] if single else list(optimizer)
-    if not outer:
-        raise ValueError("overlap() got an empty list of optimizers")
-    optimizers = [accelerated.unwrap(o) if accelerated.is_accelerated(o) else o for o in outer]
-    for i, opt in enumerate(optimizers):
-        if isinstance(opt, OverlappedOptimizer):
-            raise TypeError(f"optimizer {i} is already an OverlappedOptimizer")
-        if not isinstance(opt, Optimizer):
-            raise TypeError(f"optimizer {i} must be a torch.optim.Optimizer, got {type(opt).__name__}")
-    _refuse_options(
-        comm_hook, comm_state, shard, slice_mb, clip_grad_value, clip_grad_norm_per_param,
-        check_consistency_every,
-    )
-    if not isinstance(executor, (str, Executor)):
-        raise TypeError(f"executor must be a str or an Executor, got {type(executor).__name__}")
-    if check_finite not in (False, True, "backward", "step"):
-        raise ValueError(f"check_finite must be a bool, 'backward' or 'step', got {check_finite!r}")
-    if clip_grad_norm is not None and not isinstance(clip_grad_norm, ClipGradNorm):
-        check_max_norm(clip_grad_norm, "clip_grad_norm")
-    norm_clip = ClipGradNorm.of(clip_grad_norm)
+    outer, optimizers = unwrap_optimizers(optimizer)
+    _refuse_options(options)
     if getattr(model, STATE_ATTR, None) is not None:
         raise RuntimeError("overlap() was already called on this FSDP model")
     names = {id(p): n for n, p in model.named_parameters()}
@@ -168,7 +138,8 @@ def overlap_fsdp(
     functionals = [r.functional.bind(opt) for r, opt in zip(registrations, optimizers)]
 
     state = FSDPOverlapState(
-        model, functionals, names, executor=executor, check_finite=bool(check_finite), norm_clip=norm_clip,
+        model, functionals, names, executor=options.executor, check_finite=bool(options.check_finite),
+        norm_clip=options.norm_clip,
     )
     setattr(model, STATE_ATTR, state)
     wrapped = [OverlappedOptimizer(opt, state, i, model) for i, opt in enumerate(optimizers)]
@@ -189,32 +160,31 @@ def _generic(optimizer: type[Optimizer]) -> bool:
     return False
 
 
-def _refuse_options(
-    comm_hook: Any, comm_state: Any, shard: Any, slice_mb: Any, clip_grad_value: Any,
-    clip_grad_norm_per_param: Any, check_consistency_every: Any,
-) -> None:
-    if comm_hook is not None or comm_state is not None:
+def _refuse_options(options: OverlapOptions) -> None:
+    """``ValueError`` for each of :func:`~overlap_sgd.overlap`'s options FSDP2 cannot honour,
+    saying what to use instead."""
+    if options.comm_hook is not None or options.comm_state is not None:
         raise ValueError(
             "comm_hook is a DDP communication hook; FSDP2 reduce-scatters by itself: set "
             "FSDP's own reduction options (MixedPrecisionPolicy(reduce_dtype=...), "
             "set_all_reduce_hook) instead"
         )
-    if shard is not False:
+    if options.shard:
         raise ValueError(
             "shard=True shards DDP's optimizer state; under FSDP2 the parameters and their "
             "optimizer state are sharded already: leave shard at False"
         )
-    if slice_mb not in ("auto", None):
+    if options.slice_mb not in ("auto", None):
         raise ValueError(
             "slice_mb cuts DDP's buckets; FSDP2 updates one parameter group per reduce-scatter: "
             "choose the group size with where fully_shard is applied instead"
         )
-    if clip_grad_value is not None or clip_grad_norm_per_param is not None:
+    if options.clip_grad_value is not None or options.clip_grad_norm_per_param is not None:
         raise ValueError(
             "clip_grad_value and clip_grad_norm_per_param are not available with FSDP2; clip "
             "the global norm with clip_grad_norm=max_norm"
         )
-    if check_consistency_every:
+    if options.check_consistency_every:
         raise ValueError(
             "check_consistency_every compares replicated parameters across ranks; FSDP2 "
             "ranks hold different shards: leave it at 0"
