@@ -15,7 +15,7 @@ from .attached import STATE_ATTR, overlapped_optimizers, trainable_parameters, u
 from .fsdp import is_fsdp, overlap_fsdp
 from .hooks import Executor, OverlapHookState, make_executor, overlap_hook
 from .hooks.norm_clip import ClipGradNorm
-from .optimizer import OverlappedOptimizer, unwrap_optimizers
+from .optimizer import OverlappedOptimizer, assign_owners, unwrap_optimizers
 from .options import OverlapOptions
 from .registry import Registration, default_hook_factory, resolve
 from .sharding import register_sharded
@@ -312,35 +312,15 @@ def _check_ownership(
     several: bool,
 ) -> None:
     all_names = {id(p): n for n, p in ddp_model.module.named_parameters(remove_duplicate=False)}
-    owner: dict[int, int] = {}
-    for i, opt in enumerate(optimizers):
-        for gi, group in enumerate(opt.param_groups):
+    assign_owners(optimizers, all_names, trainable if several else None, "the DDP model")
+    for opt in optimizers:
+        for group in opt.param_groups:
             for p in group["params"]:
-                name = all_names.get(id(p))
-                if name is None:
-                    raise ValueError(
-                        f"optimizer {i} (param group {gi}) holds a parameter of shape "
-                        f"{tuple(p.shape)} that is not a parameter of the DDP model"
-                    )
-                if id(p) in owner and owner[id(p)] != i:
-                    raise ValueError(
-                        f"parameter {name!r} is held by optimizers {owner[id(p)]} and {i}; "
-                        "each parameter must belong to exactly one optimizer"
-                    )
-                owner[id(p)] = i
                 if p.requires_grad and id(p) not in trainable:
                     raise ValueError(
-                        f"parameter {name!r} is ignored by DDP (_ddp_params_and_buffers_to_ignore), "
+                        f"parameter {all_names[id(p)]!r} is ignored by DDP (_ddp_params_and_buffers_to_ignore), "
                         "so its gradient never reaches a bucket and it cannot be overlapped"
                     )
-    if several:
-        missing = [n for pid, n in trainable.items() if pid not in owner]
-        if missing:
-            raise ValueError(
-                f"trainable parameter {missing[0]!r} is held by none of the optimizers"
-                + (f" ({len(missing) - 1} more)" if len(missing) > 1 else "")
-                + "; give it to one, or set requires_grad=False"
-            )
 
 
 def _check_sparse(ddp_model: DistributedDataParallel, functionals: list[Any], names: dict[int, str]) -> None:

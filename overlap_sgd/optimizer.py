@@ -23,7 +23,7 @@ from .hooks import OverlapHookState
 from .hooks.norm_clip import ClipGradNorm, check_max_norm
 from .sharding import full_state_dict, load_full_state_dict
 
-__all__ = ["OverlappedOptimizer", "unwrap_optimizers"]
+__all__ = ["OverlappedOptimizer", "assign_owners", "unwrap_optimizers"]
 
 _SHARED_HOOK_DICTS = (
     "_optimizer_step_pre_hooks",
@@ -306,3 +306,47 @@ def unwrap_optimizers(optimizer: Any) -> tuple[list[Any], list[Optimizer]]:
         if not isinstance(opt, Optimizer):
             raise TypeError(f"optimizer {i} must be a torch.optim.Optimizer, got {type(opt).__name__}")
     return outer, optimizers
+
+
+def assign_owners(
+    optimizers: list[Optimizer],
+    names: dict[int, str],
+    trainable: dict[int, str] | None,
+    foreign: str,
+) -> dict[int, int]:
+    """Which optimizer holds each parameter (``id`` -> index), checked.
+
+    ``names``: every parameter of the model by ``id``; ``trainable``: those that must each be
+    held by one of several optimizers (``None`` for a single optimizer, which may hold a part);
+    ``foreign``: what follows "is not a parameter of" in the error for a parameter not in
+    ``names``.
+
+    Raises:
+        ValueError: a parameter foreign to the model, one held by two optimizers, or (with
+            ``trainable``) a trainable one held by none.
+    """
+    owner: dict[int, int] = {}
+    for i, opt in enumerate(optimizers):
+        for gi, group in enumerate(opt.param_groups):
+            for p in group["params"]:
+                name = names.get(id(p))
+                if name is None:
+                    raise ValueError(
+                        f"optimizer {i} (param group {gi}) holds a parameter of shape "
+                        f"{tuple(p.shape)} that is not a parameter of {foreign}"
+                    )
+                if id(p) in owner and owner[id(p)] != i:
+                    raise ValueError(
+                        f"parameter {name!r} is held by optimizers {owner[id(p)]} and {i}; "
+                        "each parameter must belong to exactly one optimizer"
+                    )
+                owner[id(p)] = i
+    if trainable is not None:
+        missing = [n for pid, n in trainable.items() if pid not in owner]
+        if missing:
+            raise ValueError(
+                f"trainable parameter {missing[0]!r} is held by none of the optimizers"
+                + (f" ({len(missing) - 1} more)" if len(missing) > 1 else "")
+                + "; give it to one, or set requires_grad=False"
+            )
+    return owner

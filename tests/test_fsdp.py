@@ -30,29 +30,9 @@ import overlap_sgd
 from overlap_sgd.functional import FunctionalAdam, FunctionalSGD
 from overlap_sgd.hooks.norm_clip import AUTO_WINDOW, ClipGradNorm
 from tests.distributed import run_distributed
+from tests.models import Lion
 
 TIMEOUT = 120
-
-
-class Lion(torch.optim.Optimizer):
-    """An optimizer nobody registered: overlapped through the generic path."""
-
-    def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.99)):
-        super().__init__(params, dict(lr=lr, betas=betas))
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> None:
-        for group in self.param_groups:
-            b1, b2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                st = self.state[p]
-                if not st:
-                    st["exp_avg"] = torch.zeros_like(p)
-                m = st["exp_avg"]
-                p.add_(torch.sign(m * b1 + p.grad * (1 - b1)), alpha=-group["lr"])
-                m.mul_(b2).add_(p.grad, alpha=1 - b2)
 
 
 class Block(nn.Module):

@@ -95,7 +95,7 @@ from torch.optim import Optimizer
 
 from .. import accelerated
 from ..attached import STATE_ATTR
-from ..optimizer import OverlappedOptimizer, unwrap_optimizers
+from ..optimizer import OverlappedOptimizer, assign_owners, unwrap_optimizers
 from ..options import OverlapOptions
 from ..registry import lookup, resolve
 from .groups import check_fsdp, fsdp_groups, is_fsdp
@@ -194,28 +194,8 @@ def _refuse_options(options: OverlapOptions) -> None:
 def _check_ownership(
     model: nn.Module, optimizers: list[Optimizer], names: dict[int, str], several: bool
 ) -> None:
-    owner: dict[int, int] = {}
-    for i, opt in enumerate(optimizers):
-        for gi, group in enumerate(opt.param_groups):
-            for p in group["params"]:
-                name = names.get(id(p))
-                if name is None:
-                    raise ValueError(
-                        f"optimizer {i} (param group {gi}) holds a parameter of shape "
-                        f"{tuple(p.shape)} that is not a parameter of the FSDP model; build the "
-                        "optimizer after fully_shard, over model.parameters() (the sharded ones)"
-                    )
-                if id(p) in owner and owner[id(p)] != i:
-                    raise ValueError(
-                        f"parameter {name!r} is held by optimizers {owner[id(p)]} and {i}; "
-                        "each parameter must belong to exactly one optimizer"
-                    )
-                owner[id(p)] = i
-    if several:
-        missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in owner]
-        if missing:
-            raise ValueError(
-                f"trainable parameter {missing[0]!r} is held by none of the optimizers"
-                + (f" ({len(missing) - 1} more)" if len(missing) > 1 else "")
-                + "; give it to one, or set requires_grad=False"
-            )
+    trainable = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    assign_owners(
+        optimizers, names, trainable if several else None,
+        "the FSDP model; build the optimizer after fully_shard, over model.parameters() (the sharded ones)",
+    )
