@@ -7,7 +7,8 @@
 collective's Python callback, and the main thread holding the GIL: the state a training script
 is in when its last collective has just completed and gloo's thread has not yet released it
 (see :mod:`overlap_sgd.shutdown`). Ended by the interpreter (``--plain-exit``), such a process
-aborts every time with ``terminate called without an active exception``; ended by
+aborts (almost every time: a race it nearly always wins) with ``terminate called without an
+active exception``; ended by
 :func:`overlap_sgd.exit_process` it exits with 0 (with 1 after ``--raise``, through
 :func:`overlap_sgd.exit_process_on_error`).
 """

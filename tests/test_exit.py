@@ -49,14 +49,21 @@ def _launch(*flags: str, timeout: float = 60) -> list[tuple[int, str]]:
     return results
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(200)
 def test_the_trigger_aborts_a_rank_that_the_interpreter_ends():
     # The control: without exit_process the stranded ranks abort at exit. (Should a torch
     # release stop doing so, this fails, and the workaround in overlap_sgd.shutdown can go.)
-    results = _launch("--plain-exit")
-    assert all("stranding gloo's worker thread" in out for _, out in results), results
-    aborted = [status == -signal.SIGABRT and ABORT in out for status, out in results]
-    assert any(aborted), results
+    # Whether gloo's worker still waits for the GIL when the interpreter ends is a race the
+    # trigger wins almost always, not always (seen once with both ranks exiting cleanly):
+    # the control asks for an abort in one of three launches.
+    tries = []
+    for _ in range(3):
+        results = _launch("--plain-exit")
+        assert all("stranding gloo's worker thread" in out for _, out in results), results
+        if any(status == -signal.SIGABRT and ABORT in out for status, out in results):
+            return
+        tries.append(results)
+    raise AssertionError(f"no stranded rank aborted at exit in {len(tries)} launches: {tries}")
 
 
 @pytest.mark.timeout(120)
