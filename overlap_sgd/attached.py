@@ -16,13 +16,15 @@ Example:
 
 from __future__ import annotations
 
+import sys
+
 from typing import Any
 
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
-__all__ = ["STATE_ATTR", "hook_state", "overlapped_optimizers", "trainable_parameters", "uncompiled"]
+__all__ = ["STATE_ATTR", "hook_state", "is_fsdp", "overlapped_optimizers", "trainable_parameters", "uncompiled"]
 
 #: The attribute of an overlapped DDP model that holds its hook state.
 STATE_ATTR = "_overlap_sgd_state"
@@ -52,3 +54,11 @@ def hook_state(model: Any) -> Any:
 def overlapped_optimizers(ddp_model: nn.Module) -> list[Optimizer]:
     """The torch optimizers :func:`~overlap_sgd.overlap` wrapped on ``ddp_model`` (empty if none)."""
     return [w.optimizer for w in getattr(hook_state(ddp_model), "wrapped", [])]
+
+
+def is_fsdp(model: Any) -> bool:
+    """Whether ``model`` is an FSDP2 module (``fully_shard``), without importing FSDP: a model
+    can only be one once ``torch.distributed.fsdp`` was imported (importing it changes how a
+    process ends, which a DDP-only job must not pay for)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)

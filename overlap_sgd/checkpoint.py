@@ -65,7 +65,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
-from .fsdp.groups import is_fsdp
+from .attached import is_fsdp
 
 __all__ = [
     "checkpoint_path",

@@ -11,8 +11,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from . import accelerated
-from .attached import STATE_ATTR, overlapped_optimizers, trainable_parameters, uncompiled
-from .fsdp import is_fsdp, overlap_fsdp
+from .attached import STATE_ATTR, is_fsdp, overlapped_optimizers, trainable_parameters, uncompiled
 from .hooks import Executor, OverlapHookState, make_executor, overlap_hook
 from .hooks.norm_clip import ClipGradNorm
 from .optimizer import OverlappedOptimizer, assign_owners, unwrap_optimizers
@@ -125,6 +124,8 @@ def overlap(
             opt.zero_grad()
     """
     if is_fsdp(uncompiled(ddp_model)):  # a fully_shard model: see overlap_sgd.fsdp
+        from .fsdp import overlap_fsdp  # imported only by FSDP2 jobs (see attached.is_fsdp)
+
         return overlap_fsdp(uncompiled(ddp_model), optimizer, OverlapOptions(
             comm_hook=comm_hook, comm_state=comm_state, executor=executor, check_finite=check_finite,
             clip_grad_value=clip_grad_value, clip_grad_norm=clip_grad_norm,
